@@ -1,0 +1,121 @@
+"""Settings from the environment, validated once, with the defaults of CONTRACT.md."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://user:password@localhost:5432/taskdb"
+
+
+class ConfigError(ValueError):
+    """A setting in the environment is malformed; the message names it."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Make every PostgreSQL URL spelling use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _parse_number(name: str, raw: str, kind: type, minimum: float | None) -> float | int:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an instance can be told through its environment."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    processing_min_seconds: float = 6.0
+    processing_max_seconds: float = 7.0
+    task_processor: str = "taskapp.processor:simulate_work"
+    worker_enabled: bool = True
+    worker_concurrency: int = 1
+    poll_interval_seconds: float = 1.0
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    retry_base_seconds: float = 2.0
+    shutdown_grace_seconds: float = 10.0
+    api_keys: tuple[str, ...] = ()
+    log_format: str = "text"
+    auto_migrate: bool = True
+    max_content_length: int = 1024 * 1024
+    max_event_streams: int = 100
+    event_keepalive_seconds: float = 15.0
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the settings; raise ConfigError naming the bad variable."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return None if raw is None or raw.strip() == "" else raw.strip()
+
+        values: dict[str, object] = {}
+        if (url := get("DATABASE_URL")) is not None:
+            values["database_url"] = url
+        numbers = {
+            "PROCESSING_MIN_SECONDS": ("processing_min_seconds", float, 0),
+            "PROCESSING_MAX_SECONDS": ("processing_max_seconds", float, 0),
+            "WORKER_CONCURRENCY": ("worker_concurrency", int, 1),
+            "POLL_INTERVAL_SECONDS": ("poll_interval_seconds", float, 0.01),
+            "LEASE_SECONDS": ("lease_seconds", float, 1),
+            "MAX_ATTEMPTS": ("max_attempts", int, 1),
+            "RETRY_BASE_SECONDS": ("retry_base_seconds", float, 0),
+            "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
+            "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
+            "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
+            "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
+        }
+        for name, (attr, kind, minimum) in numbers.items():
+            if (raw := get(name)) is not None:
+                values[attr] = _parse_number(name, raw, kind, minimum)
+        for name, attr in (("WORKER_ENABLED", "worker_enabled"), ("AUTO_MIGRATE", "auto_migrate")):
+            if (raw := get(name)) is not None:
+                values[attr] = _parse_bool(name, raw)
+        if (processor := get("TASK_PROCESSOR")) is not None:
+            values["task_processor"] = processor
+        if (keys := get("API_KEYS")) is not None:
+            values["api_keys"] = tuple(k.strip() for k in keys.split(",") if k.strip())
+        if (log_format := get("LOG_FORMAT")) is not None:
+            if log_format not in {"text", "json"}:
+                raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+            values["log_format"] = log_format
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Check the cross-field rules and normalise the database URL."""
+        if self.processing_max_seconds < self.processing_min_seconds:
+            raise ConfigError("PROCESSING_MAX_SECONDS must be >= PROCESSING_MIN_SECONDS")
+        if ":" not in self.task_processor:
+            raise ConfigError("TASK_PROCESSOR must look like package.module:function")
+        url = normalize_database_url(self.database_url)
+        if not url.startswith("postgresql+psycopg://"):
+            raise ConfigError("DATABASE_URL must be a postgresql:// URL")
+        return self if url == self.database_url else replace(self, database_url=url)
+
+    def with_changes(self, **changes: object) -> Settings:
+        """A copy with some settings changed (for tests and tools)."""
+        return replace(self, **changes).validated()

@@ -1,0 +1,187 @@
+"""Tables: tasks, their conversations, their error history, instances and idempotency keys.
+
+The CHECK constraints make illegal rows impossible whatever code writes them; the partial
+indexes serve the queue's claim and rescue statements (see taskapp/sql/).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .extensions import db
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ConversationStatus(enum.StrEnum):
+    ACTIVE = "active"
+    PROCESSED = "processed"
+
+
+def _in(column: str, values: type[enum.StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+TITLE_MAX_LENGTH = 255
+ERROR_HISTORY_LIMIT = 20
+
+
+class Task(db.Model):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    title: Mapped[str] = mapped_column(String(TITLE_MAX_LENGTH))
+    description: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), server_default=TaskStatus.PENDING.value)
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the task may next be claimed: its scheduled time, or the end of a retry backoff.
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    processing_instance_id: Mapped[str | None] = mapped_column(String(255))
+    # The fencing token of the current claim: only its holder may complete or fail the task.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    conversations: Mapped[list[Conversation]] = relationship(
+        back_populates="task",
+        order_by="Conversation.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+    errors: Mapped[list[TaskError]] = relationship(
+        order_by="TaskError.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    __table_args__ = (
+        CheckConstraint(_in("status", TaskStatus), name="status_valid"),
+        CheckConstraint("length(btrim(title)) > 0", name="title_not_blank"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
+        CheckConstraint(
+            "(status = 'processing') = (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            name="lease_iff_processing",
+        ),
+        # The claim: due pending tasks, most urgent first, oldest first.
+        Index(
+            "ix_tasks_claim",
+            text("priority DESC"),
+            "id",
+            "run_after",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The rescuer: processing tasks whose lease ran out.
+        Index(
+            "ix_tasks_lease_expiry",
+            "lease_expires_at",
+            postgresql_where=text("status = 'processing'"),
+        ),
+        # The next due time, for the worker's sleep and the oldest-pending metric.
+        Index(
+            "ix_tasks_pending_run_after",
+            "run_after",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_tasks_status", "status"),
+    )
+
+
+class Conversation(db.Model):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+    )
+    content: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), server_default=ConversationStatus.ACTIVE.value)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    task: Mapped[Task] = relationship(back_populates="conversations")
+
+    __table_args__ = (
+        CheckConstraint(_in("status", ConversationStatus), name="status_valid"),
+        CheckConstraint("length(content) > 0", name="content_not_empty"),
+    )
+
+
+class TaskError(db.Model):
+    """One failed attempt of a task; the newest ERROR_HISTORY_LIMIT are kept per task."""
+
+    __tablename__ = "task_errors"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    instance_id: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Instance(db.Model):
+    """A running instance's heartbeat, so that /status can list the whole cluster."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    worker_running: Mapped[bool] = mapped_column(server_default=text("false"))
+    current_task_ids: Mapped[list[int]] = mapped_column(JSONB, server_default=text("'[]'"))
+    processed_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    failed_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKey(db.Model):
+    """The first response to a POST /tasks/ with an Idempotency-Key, replayed on repeats."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="SET NULL")
+    )
+    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
