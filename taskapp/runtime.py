@@ -1,0 +1,87 @@
+"""An instance's background parts (worker, event listener, stream broker) and their lifecycle.
+
+gunicorn.conf.py drives it: post_fork starts it in each worker process, a SIGTERM begins
+the graceful stop at once, and worker_exit finishes it. Nothing here runs on import or in
+create_app, so `flask` commands and tests get a plain app.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flask import Flask
+
+from .config import Settings
+from .events import Broker, Listener
+from .extensions import db
+from .processor import load_processor
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "taskapp.runtime"
+
+
+class Runtime:
+    def __init__(self, app: Flask) -> None:
+        settings: Settings = app.config["TASKAPP"]
+        with app.app_context():
+            engine = db.engine
+        self.settings = settings
+        self.broker = Broker(max_streams=settings.max_event_streams)
+        self.worker = Worker(
+            engine=engine,
+            settings=settings,
+            processor=load_processor(settings),
+            instance_id=settings.instance_id,
+        )
+        self.listener = Listener(settings.database_url, self.broker, on_wakeup=self.worker.wake)
+        self._stopper: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.listener.start()
+        self.worker.start()
+
+    def begin_shutdown(self, grace: float | None = None) -> None:
+        """Stop claiming and end event streams now; finish the running tasks in the background."""
+        with self._lock:
+            if self._stopper is not None:
+                return
+            self.worker.begin_stop()
+            self.broker.close()
+            self._stopper = threading.Thread(
+                target=self.worker.stop, args=(grace,), name="taskapp-stopper", daemon=True
+            )
+            self._stopper.start()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Complete the graceful stop (idempotent)."""
+        self.begin_shutdown(grace)
+        assert self._stopper is not None
+        self._stopper.join()
+        self.listener.stop()
+
+
+def start(app: Flask) -> Runtime:
+    """Start the instance's background parts once per process."""
+    runtime = app.extensions.get(EXTENSION_KEY)
+    if runtime is None:
+        runtime = Runtime(app)
+        app.extensions[EXTENSION_KEY] = runtime
+        runtime.start()
+    return runtime
+
+
+def current(app: Flask) -> Runtime | None:
+    return app.extensions.get(EXTENSION_KEY)
+
+
+def start_in_gunicorn_worker(app: Flask, *, preloaded: bool) -> Runtime:
+    """post_fork: give the child its own connections, then start."""
+    if preloaded:
+        # The parent's pooled connections must not be shared across fork.
+        with app.app_context():
+            db.engine.dispose(close=False)
+    return start(app)

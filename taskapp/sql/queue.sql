@@ -1,0 +1,200 @@
+-- The queue's SQL: every statement that claims, finishes or takes back a task.
+-- Each statement starts with "-- name: NAME" and a one-line purpose; taskapp/queue.py loads them.
+-- Events are sent with pg_notify inside the same statement, so they go out only on commit.
+
+-- name: claim
+-- Lease the most urgent due pending tasks to one instance: lock, update, return, in one statement.
+WITH next AS (
+    SELECT id
+    FROM tasks
+    WHERE status = 'pending' AND run_after <= now()
+    ORDER BY priority DESC, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE tasks AS t
+    SET status = 'processing',
+        attempts = t.attempts + 1,
+        processing_instance_id = :instance_id,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        updated_at = now()
+    FROM next
+    WHERE t.id = next.id
+    RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token
+)
+SELECT c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
+       (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),
+                        '[]'::json)
+        FROM conversations AS v
+        WHERE v.task_id = c.id) AS conversations,
+       pg_notify('taskapp_events', json_build_object(
+           'type', 'task.claimed', 'task_id', c.id, 'status', 'processing',
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
+FROM claimed AS c
+ORDER BY c.priority DESC, c.id;
+
+-- name: complete
+-- Finish a task for the holder of its lease: completed, and every conversation processed.
+WITH done AS (
+    UPDATE tasks
+    SET status = 'completed',
+        processed_at = now(),
+        updated_at = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    WHERE id = :task_id AND lease_token = :lease_token
+    RETURNING id
+), processed AS (
+    UPDATE conversations
+    SET status = 'processed', updated_at = now()
+    WHERE task_id IN (SELECT id FROM done) AND status <> 'processed'
+)
+SELECT id,
+       pg_notify('taskapp_events', json_build_object(
+           'type', 'task.completed', 'task_id', id, 'status', 'completed',
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
+FROM done;
+
+-- name: fail
+-- Record a failed attempt for the lease holder: pending again after a backoff while attempts remain, else failed.
+WITH failed AS (
+    UPDATE tasks
+    SET status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'failed' END,
+        run_after = CASE WHEN attempts < max_attempts
+                         THEN now() + make_interval(secs => :retry_delay) ELSE run_after END,
+        processing_instance_id = CASE WHEN attempts < max_attempts
+                                      THEN NULL ELSE processing_instance_id END,
+        last_error = :error,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    WHERE id = :task_id AND lease_token = :lease_token
+    RETURNING id, status, attempts
+), history AS (
+    INSERT INTO task_errors (task_id, attempt, instance_id, error)
+    SELECT id, attempts, :instance_id, :error FROM failed
+), trimmed AS (
+    DELETE FROM task_errors
+    WHERE task_id IN (SELECT id FROM failed)
+      AND id NOT IN (SELECT e.id FROM task_errors AS e WHERE e.task_id = :task_id
+                     ORDER BY e.id DESC LIMIT :keep_errors - 1)
+)
+SELECT id, status,
+       pg_notify('taskapp_events', json_build_object(
+           'type', CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
+           'task_id', id, 'status', status,
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
+FROM failed;
+
+-- name: release
+-- Hand a claimed task back to the queue without spending its attempt (clean shutdown).
+WITH released AS (
+    UPDATE tasks
+    SET status = 'pending',
+        attempts = greatest(attempts - 1, 0),
+        run_after = now(),
+        processing_instance_id = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    WHERE id = :task_id AND lease_token = :lease_token
+    RETURNING id
+)
+SELECT id,
+       pg_notify('taskapp_events', json_build_object(
+           'type', 'task.updated', 'task_id', id, 'status', 'pending',
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
+       pg_notify('taskapp_wakeup', '') AS woken
+FROM released;
+
+-- name: renew_leases
+-- Extend the leases an instance still holds; a task missing from the result was lost.
+UPDATE tasks AS t
+SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+FROM unnest(CAST(:task_ids AS bigint[]), CAST(:lease_tokens AS uuid[])) AS held(id, lease_token)
+WHERE t.id = held.id AND t.lease_token = held.lease_token
+RETURNING t.id;
+
+-- name: rescue_expired
+-- Take back tasks whose lease ran out (their instance died or stalled): retry them, or fail them when out of attempts.
+WITH expired AS (
+    SELECT id, processing_instance_id AS holder
+    FROM tasks
+    WHERE status = 'processing' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT 100
+    FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE tasks AS t
+    SET status = CASE WHEN t.attempts < t.max_attempts THEN 'pending' ELSE 'failed' END,
+        run_after = now(),
+        last_error = 'LeaseExpired: instance ' || coalesce(t.processing_instance_id, '?')
+                     || ' stopped renewing its lease during attempt ' || t.attempts,
+        processing_instance_id = CASE WHEN t.attempts < t.max_attempts
+                                      THEN NULL ELSE t.processing_instance_id END,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM expired
+    WHERE t.id = expired.id
+    RETURNING t.id, t.status, t.attempts, t.last_error, expired.holder
+), history AS (
+    INSERT INTO task_errors (task_id, attempt, instance_id, error)
+    SELECT id, attempts, holder, last_error FROM rescued
+)
+SELECT id, status,
+       pg_notify('taskapp_events', json_build_object(
+           'type', CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
+           'task_id', id, 'status', status,
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
+       pg_notify('taskapp_wakeup', '') AS woken
+FROM rescued;
+
+-- name: seconds_until_next_due
+-- How long until the earliest pending task becomes claimable (NULL when none is waiting).
+SELECT greatest(extract(epoch FROM min(run_after) - now()), 0) AS seconds
+FROM tasks
+WHERE status = 'pending';
+
+-- name: heartbeat
+-- Record that an instance is alive, with what its worker is doing.
+INSERT INTO instances AS i (id, hostname, pid, worker_running, current_task_ids,
+                            processed_count, failed_count, started_at, heartbeat_at)
+VALUES (:instance_id, :hostname, :pid, :worker_running, CAST(:current_task_ids AS jsonb),
+        :processed_count, :failed_count, :started_at, now())
+ON CONFLICT (id) DO UPDATE
+SET worker_running = excluded.worker_running,
+    current_task_ids = excluded.current_task_ids,
+    processed_count = excluded.processed_count,
+    failed_count = excluded.failed_count,
+    heartbeat_at = now(),
+    stopped_at = NULL;
+
+-- name: instance_stopped
+-- Mark an instance cleanly stopped, so /status stops listing it at once.
+UPDATE instances
+SET stopped_at = now(), worker_running = false, current_task_ids = '[]'::jsonb
+WHERE id = :instance_id;
+
+-- name: forget_instances
+-- Delete instances not heard from for a long time (dead ones stay visible until then).
+DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => :forget_after_seconds);
+
+-- name: instances
+-- Every known instance with the age of its heartbeat, newest first.
+SELECT id, hostname, pid, worker_running, current_task_ids, processed_count, failed_count,
+       started_at, heartbeat_at, stopped_at,
+       extract(epoch FROM now() - heartbeat_at) AS heartbeat_age_seconds
+FROM instances
+ORDER BY started_at DESC;
+
+-- name: queue_counts
+-- Tasks by status.
+SELECT status, count(*) AS n FROM tasks GROUP BY status;
+
+-- name: oldest_pending_age
+-- Seconds since the oldest due pending task became claimable (0 when none).
+SELECT coalesce(extract(epoch FROM now() - min(run_after)), 0) AS seconds
+FROM tasks
+WHERE status = 'pending' AND run_after <= now();
