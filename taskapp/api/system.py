@@ -1,0 +1,87 @@
+"""Health, status and metrics of this instance and of the queue it shares."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from flask import Blueprint, current_app, jsonify
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import metrics, queue, runtime
+from ..extensions import db
+
+bp = Blueprint("system", __name__)
+
+# An instance that has not beaten for this many lease-renewal rounds is presumed dead.
+STALE_AFTER_BEATS = 3
+
+
+@bp.get("/health")
+def health():
+    try:
+        db.session.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        body = {"status": "unhealthy", "database": "unreachable", "detail": str(exc).split("\n")[0]}
+        return jsonify(body), 503
+    return jsonify({"status": "healthy", "database": "ok"})
+
+
+@bp.get("/status")
+def status():
+    settings = current_app.config["TASKAPP"]
+    instance = runtime.current(current_app)
+    engine = db.engine
+    worker = instance.worker if instance else None
+    current_ids = worker.current_task_ids if worker else []
+    stale_after = STALE_AFTER_BEATS * min(settings.lease_seconds / 3, 5.0)
+    known = queue.instances(engine)
+    return jsonify(
+        {
+            "instance_id": settings.instance_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "worker": {
+                "enabled": settings.worker_enabled,
+                "running": bool(worker and worker.running),
+                "concurrency": settings.worker_concurrency if settings.worker_enabled else 0,
+                "current_task": current_ids[0] if current_ids else None,
+                "current_tasks": current_ids,
+                "processed": worker.processed_count if worker else 0,
+                "failed": worker.failed_count if worker else 0,
+                "started_at": worker.started_at.isoformat() if worker else None,
+            },
+            "queue": queue.queue_counts(engine),
+            "instances": [
+                _instance_view(row)
+                for row in known
+                if row["stopped_at"] is None and row["heartbeat_age_seconds"] <= stale_after
+            ],
+            "event_streams": {
+                "open": instance.broker.open_streams if instance else 0,
+                "max": settings.max_event_streams,
+            },
+        }
+    )
+
+
+@bp.get("/metrics")
+def metrics_page():
+    return metrics.render(db.engine)
+
+
+def _instance_view(row: dict) -> dict:
+    return {
+        "instance_id": row["id"],
+        "hostname": row["hostname"],
+        "pid": row["pid"],
+        "worker_running": row["worker_running"],
+        "current_tasks": row["current_task_ids"],
+        "processed": row["processed_count"],
+        "failed": row["failed_count"],
+        "started_at": row["started_at"].isoformat(),
+        "last_heartbeat": row["heartbeat_at"].isoformat(),
+        "heartbeat_age_seconds": round(float(row["heartbeat_age_seconds"]), 3),
+    }

@@ -1,0 +1,238 @@
+"""Change events: published with NOTIFY inside the changing transaction, fanned out by each
+instance's listener to its Server-Sent Events and WebSocket clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+EVENTS_CHANNEL = "taskapp_events"
+# Sent when a task becomes claimable, so an idle worker anywhere wakes at once.
+WAKEUP_CHANNEL = "taskapp_wakeup"
+
+EVENT_TYPES = (
+    "task.created",
+    "task.updated",
+    "task.claimed",
+    "task.completed",
+    "task.retrying",
+    "task.failed",
+    "task.cancelled",
+    "task.deleted",
+    "conversation.created",
+    "conversation.updated",
+)
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+def event_payload(
+    event_type: str,
+    *,
+    task_id: int,
+    status: str | None,
+    instance_id: str | None,
+    conversation_id: int | None = None,
+) -> str:
+    """The JSON text of one event (small: NOTIFY payloads are capped at 8000 bytes)."""
+    event: dict[str, object] = {
+        "type": event_type,
+        "task_id": task_id,
+        "status": status,
+        "instance_id": instance_id,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    if conversation_id is not None:
+        event["conversation_id"] = conversation_id
+    return json.dumps(event)
+
+
+def publish(
+    executor: Session | Connection,
+    event_type: str,
+    *,
+    task_id: int,
+    status: str | None,
+    instance_id: str | None,
+    conversation_id: int | None = None,
+) -> None:
+    """Queue an event on the current transaction: it is delivered only if that commits."""
+    assert event_type in EVENT_TYPES, event_type
+    payload = event_payload(
+        event_type,
+        task_id=task_id,
+        status=status,
+        instance_id=instance_id,
+        conversation_id=conversation_id,
+    )
+    executor.execute(_NOTIFY, {"channel": EVENTS_CHANNEL, "payload": payload})
+
+
+def wake_workers(executor: Session | Connection) -> None:
+    """Tell every instance's idle workers that a task may be claimable now (on commit)."""
+    executor.execute(_NOTIFY, {"channel": WAKEUP_CHANNEL, "payload": ""})
+
+
+class TooManyStreams(Exception):
+    """The instance already serves MAX_EVENT_STREAMS event streams."""
+
+
+class Subscription:
+    """One client's bounded queue of events; a client that falls behind is cut off."""
+
+    def __init__(self, broker: Broker, task_id: int | None, maxsize: int) -> None:
+        self._broker = broker
+        self.task_id = task_id
+        self.queue: queue.Queue[dict[str, object] | None] = queue.Queue(maxsize=maxsize)
+        self.closed = False
+
+    def offer(self, event: dict[str, object]) -> None:
+        if self.task_id is not None and event.get("task_id") != self.task_id:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            # A slow client must not hold anyone up: drop it; it can reconnect.
+            self.close()
+
+    def get(self, timeout: float) -> dict[str, object] | None:
+        """The next event, or None on timeout or when the stream was closed."""
+        if self.closed and self.queue.empty():
+            return None
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._broker.unsubscribe(self)
+            # Wakes a reader blocked in get(); a full queue will wake it anyway.
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Broker:
+    """Fans events from the listener out to this instance's stream clients."""
+
+    def __init__(self, max_streams: int, queue_size: int = 1000) -> None:
+        self.max_streams = max_streams
+        self.queue_size = queue_size
+        self._lock = threading.Lock()
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return len(self._subscriptions)
+
+    def subscribe(self, task_id: int | None = None) -> Subscription:
+        with self._lock:
+            if self._closed or len(self._subscriptions) >= self.max_streams:
+                raise TooManyStreams
+            subscription = Subscription(self, task_id, self.queue_size)
+            self._subscriptions.add(subscription)
+            return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            self._subscriptions.discard(subscription)
+
+    def publish(self, event: dict[str, object]) -> None:
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.offer(event)
+
+    def close(self) -> None:
+        """End every stream (shutdown): their requests return and free their threads."""
+        with self._lock:
+            self._closed = True
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.close()
+
+
+class Listener:
+    """One dedicated LISTEN connection per instance, reconnecting by itself.
+
+    Wake-ups go to the worker; events go to the broker. After a reconnect the worker is
+    woken too, since notifications sent while the connection was down are lost.
+    """
+
+    def __init__(self, database_url: str, broker: Broker, on_wakeup: Callable[[], None]) -> None:
+        self.conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self.broker = broker
+        self.on_wakeup = on_wakeup
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="taskapp-listener", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name="taskapp-listener",
+                ) as conn:
+                    conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
+                    self.connected.set()
+                    delay = 0.1
+                    self.on_wakeup()
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=1.0):
+                            self._dispatch(notify.channel, notify.payload)
+                        # An idle connection can die silently; a cheap query finds out.
+                        conn.execute("SELECT 1")
+            except Exception as exc:
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                log.warning("event listener disconnected (%s); reconnecting in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == WAKEUP_CHANNEL:
+            self.on_wakeup()
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            log.warning("ignored a malformed event: %r", payload[:200])
+            return
+        if event.get("type") == "task.created" or event.get("status") == "pending":
+            self.on_wakeup()
+        self.broker.publish(event)

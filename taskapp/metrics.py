@@ -1,0 +1,113 @@
+"""Prometheus metrics: counters kept per process (summed across gunicorn workers through
+prometheus-client's multiprocess mode), queue gauges read from the database at scrape time."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
+
+TASKS_CLAIMED = Counter("taskapp_tasks_claimed", "Tasks claimed by a worker (attempts started)")
+TASKS_COMPLETED = Counter("taskapp_tasks_completed", "Tasks completed")
+TASKS_RETRIED = Counter("taskapp_tasks_retried", "Failed attempts sent back to pending")
+TASKS_FAILED = Counter("taskapp_tasks_failed", "Tasks failed for good (out of attempts)")
+TASKS_RESCUED = Counter("taskapp_tasks_rescued", "Tasks taken back after their lease ran out")
+PROCESSING_SECONDS = Histogram(
+    "taskapp_task_processing_seconds",
+    "Time the processor spent on one attempt",
+    ["outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 7.5, 10, 30, 60, 300),
+)
+HTTP_REQUESTS = Counter(
+    "taskapp_http_requests", "HTTP requests served", ["method", "endpoint", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "taskapp_http_request_duration_seconds",
+    "Time to produce an HTTP response",
+    ["method", "endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def task_claimed() -> None:
+    TASKS_CLAIMED.inc()
+
+
+def task_completed(duration: float) -> None:
+    TASKS_COMPLETED.inc()
+    PROCESSING_SECONDS.labels("completed").observe(duration)
+
+
+def task_failed(duration: float, *, final: bool) -> None:
+    (TASKS_FAILED if final else TASKS_RETRIED).inc()
+    PROCESSING_SECONDS.labels("failed").observe(duration)
+
+
+def tasks_rescued(count: int) -> None:
+    TASKS_RESCUED.inc(count)
+
+
+class QueueCollector(Collector):
+    """Queue depth by status and the age of the oldest due task, read when scraped."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from . import queue
+
+        depth = GaugeMetricFamily("taskapp_queue_tasks", "Tasks by status", labels=["status"])
+        for status, count in queue.queue_counts(self.engine).items():
+            depth.add_metric([status], count)
+        yield depth
+        yield GaugeMetricFamily(
+            "taskapp_queue_oldest_pending_age_seconds",
+            "Seconds the oldest due pending task has waited",
+            value=queue.oldest_pending_age(self.engine),
+        )
+
+
+def render(engine: Engine) -> Response:
+    """The /metrics page: this cluster's queue, and every local process's counters."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        counters = generate_latest(registry)
+    else:
+        counters = generate_latest(REGISTRY)
+    queue_registry = CollectorRegistry()
+    queue_registry.register(QueueCollector(engine))
+    return Response(generate_latest(queue_registry) + counters, content_type=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start_timer)
+    app.after_request(_observe)
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _observe(response: Response) -> Response:
+    started: float | None = g.pop("metrics_started", None)
+    # The URL rule, not the path, keeps the label set small (/tasks/<id>, not every id).
+    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    if started is not None:
+        HTTP_LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - started)
+    return response
