@@ -1,0 +1,121 @@
+"""Fixtures: a real PostgreSQL database per test session, apps, clients and gunicorn instances.
+
+TEST_DATABASE_URL names a server to use (a database is created on it for the session and
+dropped afterwards); without it, an embedded PostgreSQL is started in .pgdata-test/.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from psycopg import sql
+
+from taskapp import create_app
+from taskapp.config import Settings
+from taskapp.database import upgrade_schema
+from tests.support import ROOT, Instance
+
+TABLES = "tasks, conversations, task_errors, instances, idempotency_keys"
+
+
+def _server_url() -> Iterator[str]:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from tools.embedded_pg import EmbeddedPostgres
+
+    with EmbeddedPostgres(Path(ROOT) / ".pgdata-test") as server:
+        yield server.url("postgres")
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    yield from _server_url()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database with the schema at head, dropped when the session ends."""
+    name = f"taskapp_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = _with_database(server_url, name)
+    upgrade_schema(create_app(Settings(database_url=url, auto_migrate=False).validated()))
+    yield url
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def db_conn(database_url: str) -> Iterator[psycopg.Connection]:
+    """A direct autocommit connection, for checking what the service wrote."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(autouse=True)
+def _clean_tables(request: pytest.FixtureRequest) -> None:
+    # Committed rows cross connections (worker threads, gunicorn): truncate, not roll back.
+    if "database_url" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("database_url")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        auto_migrate=False,
+        processing_min_seconds=0,
+        processing_max_seconds=0,
+        poll_interval_seconds=0.2,
+        retry_base_seconds=0,
+    ).validated()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    yield app
+    from taskapp.extensions import db
+
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def instances(database_url: str) -> Iterator[Callable[..., Instance]]:
+    """Start gunicorn instances against the test database; all are stopped afterwards."""
+    started: list[Instance] = []
+
+    def start(wait: bool = True, port: int | None = None, **env: object) -> Instance:
+        instance = Instance(database_url, port=port, **env)
+        started.append(instance)
+        return instance.start(wait=wait)
+
+    yield start
+    for instance in started:
+        instance.stop(timeout=20)

@@ -1,0 +1,227 @@
+"""The queue's statements on a real PostgreSQL: claims, fencing, leases, rescue, order."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from taskapp import queue
+from taskapp.config import normalize_database_url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Engine:
+    engine = create_engine(normalize_database_url(database_url), pool_size=10)
+    yield engine
+    engine.dispose()
+
+
+def add_task(
+    conn: psycopg.Connection,
+    title: str = "t",
+    *,
+    priority: int = 0,
+    max_attempts: int = 3,
+    delay_seconds: float = 0,
+    conversations: tuple[str, ...] = (),
+) -> int:
+    task_id = conn.execute(
+        "INSERT INTO tasks (title, priority, max_attempts, run_after)"
+        " VALUES (%s, %s, %s, now() + make_interval(secs => %s)) RETURNING id",
+        (title, priority, max_attempts, delay_seconds),
+    ).fetchone()[0]
+    for content in conversations:
+        conn.execute(
+            "INSERT INTO conversations (task_id, content) VALUES (%s, %s)", (task_id, content)
+        )
+    return task_id
+
+
+def task_row(conn: psycopg.Connection, task_id: int) -> dict:
+    cur = conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,))
+    names = [d.name for d in cur.description]
+    row = cur.fetchone()
+    return dict(zip(names, row, strict=True)) if row else {}
+
+
+def claim_one(engine: Engine, instance: str = "a", lease: float = 30) -> queue.Claim | None:
+    claims = queue.claim(engine, instance_id=instance, limit=1, lease_seconds=lease)
+    return claims[0] if claims else None
+
+
+def test_claim_returns_a_snapshot_with_conversations(engine, db_conn):
+    task_id = add_task(db_conn, "hello", conversations=("one", "two"))
+    claimed = claim_one(engine, "instance-a")
+    assert claimed is not None
+    assert claimed.task.id == task_id
+    assert claimed.task.attempts == 1
+    assert [c.content for c in claimed.task.conversations] == ["one", "two"]
+    row = task_row(db_conn, task_id)
+    assert row["status"] == "processing"
+    assert row["processing_instance_id"] == "instance-a"
+    assert row["lease_token"] == claimed.lease_token
+
+
+def test_concurrent_claims_never_share_a_task(engine, db_conn):
+    task_ids = {add_task(db_conn, f"t{n}") for n in range(200)}
+    claimed: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def claimer(name: str) -> None:
+        barrier.wait()
+        while claims := queue.claim(engine, instance_id=name, limit=3, lease_seconds=30):
+            with lock:
+                claimed.extend(c.task.id for c in claims)
+
+    threads = [threading.Thread(target=claimer, args=(f"i{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert Counter(claimed).most_common(1)[0][1] == 1
+    assert set(claimed) == task_ids
+
+
+def test_claim_orders_by_priority_then_age(engine, db_conn):
+    low_old = add_task(db_conn, "low-old", priority=0)
+    high = add_task(db_conn, "high", priority=5)
+    low_new = add_task(db_conn, "low-new", priority=0)
+    negative = add_task(db_conn, "negative", priority=-1)
+    order = [claim_one(engine).task.id for _ in range(4)]
+    assert order == [high, low_old, low_new, negative]
+
+
+def test_tasks_not_yet_due_are_not_claimed(engine, db_conn):
+    add_task(db_conn, "later", delay_seconds=60)
+    assert claim_one(engine) is None
+    assert 59 < queue.seconds_until_next_due(engine) <= 60
+
+
+def test_complete_marks_conversations_processed(engine, db_conn):
+    task_id = add_task(db_conn, conversations=("a", "b"))
+    claimed = claim_one(engine)
+    assert queue.complete(engine, claimed, instance_id="a").applied
+    row = task_row(db_conn, task_id)
+    assert row["status"] == "completed"
+    assert row["processed_at"] is not None
+    assert row["lease_token"] is None
+    statuses = db_conn.execute(
+        "SELECT status FROM conversations WHERE task_id = %s", (task_id,)
+    ).fetchall()
+    assert statuses == [("processed",), ("processed",)]
+
+
+def test_a_stale_token_cannot_complete_or_fail(engine, db_conn):
+    task_id = add_task(db_conn)
+    claimed = claim_one(engine)
+    stale = queue.Claim(task=claimed.task, lease_token=uuid.uuid4(), max_attempts=3)
+    assert not queue.complete(engine, stale, instance_id="a").applied
+    assert not queue.fail(engine, stale, instance_id="a", error="x", retry_delay=0).applied
+    assert task_row(db_conn, task_id)["status"] == "processing"
+
+
+def test_completion_after_the_task_was_deleted_is_dropped(engine, db_conn):
+    task_id = add_task(db_conn)
+    claimed = claim_one(engine)
+    db_conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
+    assert not queue.complete(engine, claimed, instance_id="a").applied
+
+
+def test_failures_retry_with_backoff_then_fail(engine, db_conn):
+    task_id = add_task(db_conn, max_attempts=2)
+    first = claim_one(engine)
+    outcome = queue.fail(engine, first, instance_id="a", error="Boom: one", retry_delay=60)
+    assert outcome.status == "pending"
+    assert claim_one(engine) is None, "backoff must keep the task from being claimed at once"
+    db_conn.execute("UPDATE tasks SET run_after = now() WHERE id = %s", (task_id,))
+    second = claim_one(engine)
+    assert second.task.attempts == 2
+    assert queue.fail(engine, second, instance_id="a", error="Boom: two", retry_delay=0).status == (
+        "failed"
+    )
+    row = task_row(db_conn, task_id)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 2, "Boom: two")
+    history = db_conn.execute(
+        "SELECT attempt, error FROM task_errors WHERE task_id = %s ORDER BY id", (task_id,)
+    ).fetchall()
+    assert history == [(1, "Boom: one"), (2, "Boom: two")]
+
+
+def test_error_history_is_bounded(engine, db_conn):
+    from taskapp.models import ERROR_HISTORY_LIMIT
+
+    task_id = add_task(db_conn, max_attempts=100)
+    for n in range(ERROR_HISTORY_LIMIT + 5):
+        claimed = claim_one(engine)
+        queue.fail(engine, claimed, instance_id="a", error=f"E{n}", retry_delay=0)
+    errors = [
+        e
+        for (e,) in db_conn.execute(
+            "SELECT error FROM task_errors WHERE task_id = %s ORDER BY id", (task_id,)
+        )
+    ]
+    assert len(errors) == ERROR_HISTORY_LIMIT
+    assert errors[-1] == f"E{ERROR_HISTORY_LIMIT + 4}"
+
+
+def test_release_hands_back_without_spending_the_attempt(engine, db_conn):
+    task_id = add_task(db_conn)
+    claimed = claim_one(engine)
+    assert queue.release(engine, claimed, instance_id="a").applied
+    row = task_row(db_conn, task_id)
+    assert (row["status"], row["attempts"], row["processing_instance_id"]) == ("pending", 0, None)
+
+
+def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(engine, db_conn):
+    task_id = add_task(db_conn, max_attempts=2)
+    first = claim_one(engine, "dead", lease=1)
+    db_conn.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (task_id,)
+    )
+    assert queue.rescue_expired(engine, instance_id="rescuer") == [(task_id, "pending")]
+    second = claim_one(engine, "alive")
+    assert second.task.attempts == 2
+    assert not queue.complete(engine, first, instance_id="dead").applied
+    assert queue.renew_leases(engine, [first, second], lease_seconds=30) == {task_id}
+    assert queue.complete(engine, second, instance_id="alive").applied
+    row = task_row(db_conn, task_id)
+    assert (row["status"], row["processing_instance_id"]) == ("completed", "alive")
+    (holder,) = db_conn.execute(
+        "SELECT instance_id FROM task_errors WHERE task_id = %s", (task_id,)
+    ).fetchone()
+    assert holder == "dead"
+
+
+def test_a_task_that_keeps_killing_instances_ends_failed(engine, db_conn):
+    task_id = add_task(db_conn, max_attempts=1)
+    claim_one(engine, "dead", lease=1)
+    db_conn.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (task_id,)
+    )
+    assert queue.rescue_expired(engine, instance_id="rescuer") == [(task_id, "failed")]
+    assert task_row(db_conn, task_id)["last_error"].startswith("LeaseExpired")
+
+
+def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
+    db_conn.execute(
+        "INSERT INTO tasks (title, max_attempts, status, processed_at)"
+        " SELECT 'done', 3, 'completed', now() FROM generate_series(1, 100000)"
+    )
+    db_conn.execute(
+        "INSERT INTO tasks (title, max_attempts) SELECT 'todo', 3 FROM generate_series(1, 100000)"
+    )
+    db_conn.execute("ANALYZE tasks")
+    # EXPLAIN without ANALYZE plans the real claim statement without running it.
+    explain = text("EXPLAIN " + queue.STATEMENTS["claim"].text)
+    with engine.connect() as conn:
+        params = {"instance_id": "a", "limit": 1, "lease_seconds": 30}
+        plan = "\n".join(row[0] for row in conn.execute(explain, params))
+    assert "ix_tasks_claim" in plan, plan
+    assert "Seq Scan on tasks" not in plan, plan
