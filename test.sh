@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the test suite: installs what the tests need into .venv, then runs pytest.
+# Uses TEST_DATABASE_URL's server when set, else starts an embedded PostgreSQL in .pgdata-test/.
+# Arguments go to pytest (e.g. ./test.sh -k queue, ./test.sh -m soak).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+source tools/venv.sh
+ensure_venv
+exec .venv/bin/python -m pytest "$@"
