@@ -1,0 +1,63 @@
+"""The operator's dashboard: server-rendered page shells whose plain JavaScript reads the API.
+
+The pages hold no data of their own: dashboard.js fetches /status, /metrics and /tasks/ with the
+`X-API-Key` header and listens to /events. EventSource cannot send headers, so it passes the key
+as `?api_key=`; so do links between dashboard pages when the pages themselves need a key.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, render_template, request
+from flask.typing import ResponseReturnValue
+
+from .. import auth
+from ..config import Settings
+from ..errors import Unauthorized, problem
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    url_prefix="/dashboard",
+    template_folder="templates",
+    static_folder="static",
+)
+
+# Query parameter that carries the API key where a header can't (EventSource, a typed-in URL).
+KEY_PARAM = "api_key"
+
+
+def _page_context() -> dict[str, object]:
+    settings: Settings = current_app.config["TASKAPP"]
+    guarded = bool(settings.api_keys) and not auth.is_public(request.path)
+    return {
+        # The pages themselves need the key: links and assets carry it as a query parameter.
+        "key_in_links": guarded,
+        "asset_key": request.args.get(KEY_PARAM) if guarded else None,
+        "keys_required": bool(settings.api_keys),
+        # The worker beats every lease/3 seconds, at most 5 (see taskapp.worker).
+        "heartbeat_seconds": min(settings.lease_seconds / 3, 5.0),
+    }
+
+
+@bp.get("/")
+def overview() -> ResponseReturnValue:
+    return render_template("dashboard/overview.html", **_page_context())
+
+
+@bp.get("/tasks/<id:task_id>")
+def task_page(task_id: int) -> ResponseReturnValue:
+    return render_template("dashboard/task.html", task_id=task_id, **_page_context())
+
+
+@bp.errorhandler(Unauthorized)
+def ask_for_key(error: Unauthorized) -> ResponseReturnValue:
+    """A browser opening a page without a valid key gets a form asking for one, not bare JSON.
+
+    Anything else (assets, API clients, `curl`) gets the usual problem+json.
+    """
+    wanted = request.accept_mimetypes.best_match(["application/problem+json", "text/html"])
+    if request.endpoint == "dashboard.static" or wanted != "text/html":
+        return problem(error.status, error.detail, headers=error.headers)
+    rejected = request.args.get(KEY_PARAM) is not None
+    html = render_template("dashboard/key.html", rejected=rejected, key_param=KEY_PARAM)
+    return html, 401, {**error.headers, "Cache-Control": "no-store"}

@@ -1,0 +1,294 @@
+"""The dashboard in a real headless Chromium against real gunicorn instances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import requests
+
+from tests.browser import chromium, console_errors, require_browser
+from tests.support import Instance, wait_for
+
+pytestmark = pytest.mark.browser
+
+API_KEY = "dashboard-test-key"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    require_browser()  # first, so a missing browser skips before any instance starts
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture
+def cluster(browser: Any, instances: Callable[..., Instance]) -> list[Instance]:
+    """Two instances that process instantly."""
+    return [instances(), instances()]
+
+
+def until(driver: Any, condition: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
+    """Wait for a condition read from the page; on timeout, say what the page showed."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda _: condition())
+    except TimeoutException:
+        page = driver.find_element("tag name", "body").text
+        raise AssertionError(f"timed out waiting for {what}; the page shows:\n{page}") from None
+
+
+def js(driver: Any, script: str, *args: Any) -> Any:
+    return driver.execute_script(script, *args)
+
+
+def connection_mode(driver: Any) -> str:
+    return js(driver, "return document.getElementById('connection').dataset.mode")
+
+
+def count(driver: Any, status: str) -> str:
+    return js(driver, f"return document.getElementById('count-{status}').textContent")
+
+
+def task_row_status(driver: Any, task_id: int) -> str | None:
+    return js(
+        driver,
+        "const row = document.querySelector(`#tasks-table tr[data-task-id='${arguments[0]}']`);"
+        "return row ? row.dataset.status : null;",
+        task_id,
+    )
+
+
+def open_dashboard(driver: Any, url: str) -> None:
+    driver.get(f"{url}/dashboard/")
+    until(driver, lambda: connection_mode(driver) == "live", what="the event stream to open")
+
+
+def test_page_loads_live_with_both_instances_and_no_console_errors(browser, cluster):
+    a, b = cluster
+    open_dashboard(browser, a.url)
+
+    until(
+        browser,
+        lambda: browser.find_element("id", "instances-summary").text.startswith("2 alive"),
+        what="both instances in the instances table",
+    )
+    rows = js(browser, "return [...document.querySelectorAll('#instances-table tbody tr')].length")
+    assert rows == 2
+    assert count(browser, "pending") == "0"
+
+    for n in range(3):
+        response = requests.post(f"{b.url}/tasks/", json={"title": f"api task {n}"}, timeout=10)
+        assert response.status_code == 201
+    until(browser, lambda: count(browser, "completed") == "3", what="3 completed tasks")
+    until(
+        browser,
+        lambda: all(task_row_status(browser, n) == "completed" for n in (1, 2, 3)),
+        what="the table to show the 3 tasks completed",
+    )
+    assert "last minute: 3 completed" in browser.find_element("id", "throughput-summary").text
+    assert console_errors(browser) == []
+
+
+def test_task_created_from_the_form_appears_and_completes_live(browser, cluster):
+    a, _ = cluster
+    open_dashboard(browser, a.url)
+    js(browser, "window.notReloaded = true")
+
+    title = '<img src=x onerror="window.injected=1"> & "quoted"'
+    # Due in a few seconds: the row shows `pending` first, then `completed` on its own.
+    due = (datetime.now() + timedelta(seconds=4)).replace(microsecond=0)
+    form = browser.find_element("id", "create-form")
+    form.find_element("name", "title").send_keys(title)
+    form.find_element("name", "description").send_keys("made in a browser")
+    priority = form.find_element("name", "priority")
+    priority.clear()
+    priority.send_keys("5")
+    js(
+        browser,
+        "const input = arguments[0]; input.value = arguments[1];"
+        "input.dispatchEvent(new Event('input', {bubbles: true}));",
+        form.find_element("name", "scheduled_for"),
+        due.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    form.find_element("name", "conversations").send_keys("first line\nsecond line\n")
+    form.find_element("css selector", "button[type=submit]").click()
+
+    until(
+        browser,
+        lambda: "Created task #1" in browser.find_element("id", "create-result").text,
+        what="the form to confirm the new task",
+    )
+    until(browser, lambda: task_row_status(browser, 1) == "pending", what="task 1 pending")
+    until(browser, lambda: task_row_status(browser, 1) == "completed", what="task 1 completed")
+    assert js(browser, "return window.notReloaded") is True
+
+    # The title is shown as text: nothing of it became markup.
+    cell = browser.find_element("css selector", "#tasks-table tr[data-task-id='1'] .title-cell")
+    assert cell.text == title
+    assert browser.find_elements("css selector", "#tasks-table img") == []
+    assert js(browser, "return window.injected") is None
+
+    task = requests.get(f"{a.url}/tasks/1", timeout=10).json()
+    assert task["title"] == title
+    assert task["priority"] == 5
+    assert task["description"] == "made in a browser"
+    assert [c["content"] for c in task["conversations"]] == ["first line", "second line"]
+    scheduled = datetime.fromisoformat(task["scheduled_for"])
+    assert abs(scheduled - due.astimezone()) < timedelta(seconds=1)
+    assert console_errors(browser) == []
+
+
+def test_the_form_shows_invalid_input_readably(browser, cluster):
+    a, _ = cluster
+    open_dashboard(browser, a.url)
+    form = browser.find_element("id", "create-form")
+    form.find_element("name", "title").send_keys("   ")
+    form.find_element("css selector", "button[type=submit]").click()
+
+    result = until(
+        browser,
+        lambda: (
+            (text := browser.find_element("id", "create-result").text).startswith("422") and text
+        ),
+        what="the form to show the 422",
+    )
+    assert "Unprocessable" in result
+    title_input = form.find_element("name", "title")
+    assert title_input.get_attribute("aria-invalid") == "true"
+    assert browser.find_element("id", "create-title-input-error").text
+    assert requests.get(f"{a.url}/tasks/", timeout=10).json() == []
+
+
+def test_a_killed_instance_is_shown_dead(browser, instances):
+    # A 3 s lease makes the instances beat every second, so death shows within seconds.
+    a, b = instances(LEASE_SECONDS=3), instances(LEASE_SECONDS=3)
+    open_dashboard(browser, a.url)
+    b_id = b.status()["instance_id"]
+
+    def state_of(instance_id: str) -> str | None:
+        return js(
+            browser,
+            "const rows = document.querySelectorAll('#instances-table tr[data-instance-id]');"
+            "const row = [...rows].find((r) => r.dataset.instanceId === arguments[0]);"
+            "return row ? row.dataset.state : null;",
+            instance_id,
+        )
+
+    until(browser, lambda: state_of(b_id) == "idle", what="instance B idle")
+    b.kill()
+    until(browser, lambda: state_of(b_id) == "dead", what="instance B shown dead")
+    assert state_of(a.status()["instance_id"]) == "idle"
+    assert browser.find_element("id", "instances-summary").text.startswith("1 alive")
+
+
+def test_without_the_event_stream_the_page_polls(browser, instances):
+    a = instances(MAX_EVENT_STREAMS=0)  # every /events request is refused with a 503
+    browser.get(f"{a.url}/dashboard/")
+    until(browser, lambda: connection_mode(browser) == "polling", what="the page to poll")
+    js(browser, "window.notReloaded = true")
+
+    response = requests.post(f"{a.url}/tasks/", json={"title": "seen by polling"}, timeout=10)
+    assert response.status_code == 201
+    until(browser, lambda: count(browser, "completed") == "1", what="the completed count")
+    until(browser, lambda: task_row_status(browser, 1) == "completed", what="task 1 completed")
+    assert js(browser, "return window.notReloaded") is True
+    assert "polling every 2.5 s" in browser.find_element("id", "connection").text
+
+
+def test_retry_a_failed_task_from_its_page(browser, instances):
+    env = {"TASK_PROCESSOR": "tests.processors:fail_when_titled_fail", "MAX_ATTEMPTS": 1}
+    a, _ = instances(**env), instances(**env)
+    response = requests.post(f"{a.url}/tasks/", json={"title": "fail on purpose"}, timeout=10)
+    assert response.status_code == 201
+    wait_for(
+        lambda: requests.get(f"{a.url}/tasks/1", timeout=5).json()["status"] == "failed",
+        what="task 1 to fail",
+    )
+
+    browser.get(f"{a.url}/dashboard/tasks/1")
+    until(browser, lambda: connection_mode(browser) == "live", what="the event stream to open")
+    until(browser, lambda: js(browser, "return document.body.dataset.taskStatus") == "failed")
+    js(browser, "window.notReloaded = true")
+    assert "fail on purpose" in browser.find_element("id", "task-title").text
+    errors = browser.find_elements("css selector", "#errors-table tbody tr")
+    assert len(errors) == 1
+    assert "is titled 'fail on purpose'" in errors[0].text
+    assert not browser.find_element("id", "retry-button").get_property("disabled")
+    assert browser.find_element("id", "cancel-button").get_property("disabled")
+
+    browser.find_element("id", "retry-button").click()
+    until(
+        browser,
+        lambda: "Sent back to the queue" in browser.find_element("id", "action-result").text,
+        what="the retry to be confirmed",
+    )
+    # It runs again, fails again, and the second failure shows up without a reload.
+    until(
+        browser,
+        lambda: len(browser.find_elements("css selector", "#errors-table tbody tr")) == 2,
+        what="a second entry in the error history",
+    )
+    until(browser, lambda: js(browser, "return document.body.dataset.taskStatus") == "failed")
+    assert js(browser, "return window.notReloaded") is True
+    assert console_errors(browser) == []
+
+    # A refused action shows the API's problem+json, readably (the button is forced on).
+    js(browser, "document.getElementById('cancel-button').disabled = false")
+    browser.find_element("id", "cancel-button").click()
+    message = until(
+        browser,
+        lambda: (
+            (text := browser.find_element("id", "action-result").text).startswith("409") and text
+        ),
+        what="the 409 to be shown",
+    )
+    assert "Conflict" in message
+
+
+def test_with_api_keys_the_page_asks_for_a_key_and_works_with_it(browser, instances):
+    a = instances(API_KEYS=API_KEY)
+
+    browser.get(f"{a.url}/dashboard/")
+    until(
+        browser,
+        lambda: "An API key is needed" in browser.find_element("tag name", "body").text,
+        what="the key prompt",
+    )
+    key_input = browser.find_element("id", "key-input")
+    label = browser.find_element("css selector", "label[for='key-input']")
+    assert label.text == "API key"
+
+    # The page's assets and the event stream cannot send a header: they carry `?api_key=`.
+    page = requests.get(f"{a.url}/dashboard/", params={"api_key": API_KEY}, timeout=5)
+    assert page.status_code == 200
+    with requests.get(
+        f"{a.url}/events", params={"api_key": API_KEY}, stream=True, timeout=5
+    ) as stream:
+        assert stream.status_code == 200
+
+    key_input.send_keys("not-the-key")
+    key_input.submit()
+    until(
+        browser,
+        lambda: "not accepted" in browser.find_element("tag name", "body").text,
+        what="the wrong key to be refused",
+    )
+    console_errors(browser)  # the refusals were logged as failed loads: start afresh
+
+    key_input = browser.find_element("id", "key-input")
+    key_input.clear()
+    key_input.send_keys(API_KEY)
+    key_input.submit()
+    until(browser, lambda: connection_mode(browser) == "live", what="the event stream to open")
+    assert "api_key" not in browser.current_url
+    until(browser, lambda: count(browser, "pending") == "0", what="the queue counts")
+
+    browser.find_element("name", "title").send_keys("made with a key")
+    browser.find_element("css selector", "#create-form button[type=submit]").click()
+    until(browser, lambda: task_row_status(browser, 1) == "completed", what="task 1 completed")
+    assert console_errors(browser) == []
