@@ -7,8 +7,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from .config import Settings
 from . import models  # noqa: F401  (registers the tables on db.metadata)
+from .config import Settings
 from .extensions import db, migrate
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from ..events import Broker, Subscription, TooManyStreams
 bp = Blueprint("events", __name__)
 sock = Sock()
 
+
 def _subscribe() -> Subscription:
     instance = runtime.current(current_app)
     broker: Broker | None = instance.broker if instance else None
