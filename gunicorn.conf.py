@@ -1,12 +1,15 @@
 """gunicorn settings: one worker process is one taskapp instance.
 
 post_fork starts the instance's background worker; SIGTERM stops its claiming at once;
-worker_exit lets the running task finish within SHUTDOWN_GRACE_SECONDS or hands it back.
+worker_exit lets the running task finish within SHUTDOWN_GRACE_SECONDS or hands it back,
+then ends the process at once.
 """
 
+import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 from taskapp.config import Settings
@@ -69,8 +72,23 @@ def worker_exit(server, worker):
 
     app = getattr(worker, "wsgi", None)
     instance = runtime.current(app) if app is not None else None
-    if instance is not None:
-        instance.shutdown()
+    if instance is None:
+        return
+    instance.shutdown()
+    # gunicorn calls this hook while its sys.exit() propagates; that tells a clean stop (0)
+    # from a crash or a boot error, whose status the master must see.
+    leaving = sys.exc_info()[1]
+    if isinstance(leaving, SystemExit) and leaving.code in (0, None):
+        # The stop is complete: tasks finished or handed back, every request answered or its
+        # connection closed by gunicorn. Leave now rather than through interpreter shutdown,
+        # which waits for non-daemon threads - simple-websocket's reader of a WebSocket whose
+        # client never answers the close frame sleeps up to its 25 s ping interval, so the
+        # master SIGKILLs us only at graceful_timeout - and then spends about a second
+        # garbage-collecting the heap that the OS frees at once anyway.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def child_exit(server, worker):
