@@ -27,6 +27,14 @@ def engine_options(settings: Settings) -> dict[str, object]:
         "pool_recycle": 1800,
         "connect_args": {
             "connect_timeout": 5,
+            # A client that vanishes mid-transaction (network cut before COMMIT) must not
+            # keep a task's row locked, which claims and the rescuer would skip, for hours:
+            # the server drops idle transactions and probes dead peers.
+            "options": (
+                "-c idle_in_transaction_session_timeout=60000"
+                " -c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5"
+                " -c tcp_keepalives_count=3"
+            ),
             "application_name": f"taskapp:{settings.instance_id[:8]}",
         },
     }

@@ -48,7 +48,7 @@ def describe_error(exc: BaseException) -> str:
 class _Backoff:
     """Growing pauses after database errors, so an outage is not hammered."""
 
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first, self.cap, self.current = first, cap, 0.0
 
     def next(self) -> float:
