@@ -31,7 +31,7 @@ def engine_options(settings: Settings) -> dict[str, object]:
             # keep a task's row locked, which claims and the rescuer would skip, for hours:
             # the server drops idle transactions and probes dead peers.
             "options": (
-                "-c idle_in_transaction_session_timeout=60000"
+                "-c timezone=UTC -c idle_in_transaction_session_timeout=60000"
                 " -c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5"
                 " -c tcp_keepalives_count=3"
             ),

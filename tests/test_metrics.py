@@ -38,8 +38,11 @@ def test_counters_add_up_across_two_gunicorn_workers(instances, db_conn):
         return n == 20
 
     wait_for(all_done, timeout=20)
-    pids = {pid for (pid,) in db_conn.execute("SELECT DISTINCT pid FROM instances").fetchall()}
-    assert len(pids) == 2, "both worker processes should have started an instance"
+
+    def worker_pids() -> set[int]:
+        return {pid for (pid,) in db_conn.execute("SELECT DISTINCT pid FROM instances")}
+
+    wait_for(lambda: len(worker_pids()) == 2, what="both worker processes to run an instance")
     samples = wait_for(
         lambda: (
             (s := scrape(instance.url)) and total(s, "taskapp_tasks_completed_total") == 20 and s

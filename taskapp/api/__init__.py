@@ -1,0 +1,30 @@
+"""Every blueprint, registered in one place."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from flask import Flask
+
+from .common import PositiveIdConverter
+
+# One module per resource, each exposing `bp`. Add new ones here.
+BLUEPRINTS = [
+    "taskapp.api.tasks",
+    "taskapp.api.conversations",
+    "taskapp.api.system",
+    "taskapp.api.events",
+    "taskapp.dashboard",
+]
+
+
+def init_app(app: Flask) -> None:
+    """Register the id converter and every blueprint."""
+    app.url_map.converters["id"] = PositiveIdConverter
+    # `/tasks//1` must be a 404 like any other unknown path, not a redirect to `/tasks/1`.
+    app.url_map.merge_slashes = False
+    for name in BLUEPRINTS:
+        app.register_blueprint(import_module(name).bp)
+    # The WebSocket route lives on the events blueprint; flask-sock needs its app hook too.
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
+    import_module("taskapp.api.events").sock.init_app(app)

@@ -1,0 +1,63 @@
+"""What every resource module shares: positive ids in URLs, the JSON body, the request context."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Response, current_app, request
+from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
+
+from ..config import Settings
+from ..errors import BadRequest
+from ..schemas import BIGINT_MAX
+
+
+class PositiveIdConverter(BaseConverter):
+    """`<id:task_id>`: 1..2^63-1 in plain digits; anything else (0, -1, abc, 2^64) is a 404."""
+
+    regex = r"[1-9][0-9]{0,18}"
+
+    def to_python(self, value: str) -> int:
+        number = int(value)
+        if number > BIGINT_MAX:
+            # Not ValidationError: the matcher would then fall through to a sibling rule of
+            # the same path with another method and answer 405 instead of 404.
+            raise NotFound()
+        return number
+
+    def to_url(self, value: Any) -> str:
+        return str(int(value))
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object, whatever the Content-Type; else a 400."""
+    raw = request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A streamed (chunked) body is silently cut at the limit: reaching it means too big.
+        raise RequestEntityTooLarge()
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def settings() -> Settings:
+    """This instance's settings."""
+    return current_app.config["TASKAPP"]
+
+
+def no_content() -> Response:
+    """An empty 204, without the Content-Type an empty body would otherwise claim."""
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]
+    return response

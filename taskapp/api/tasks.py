@@ -1,0 +1,100 @@
+"""Tasks: create (idempotently with a key), list, read, update, delete, retry, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from flask import Blueprint, request, url_for
+from flask.typing import ResponseReturnValue
+
+from .. import services
+from ..errors import Unprocessable
+from ..extensions import db
+from ..schemas import (
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    IDEMPOTENCY_KEY_PATTERN,
+    TaskCreate,
+    TaskListItem,
+    TaskListQuery,
+    TaskOut,
+    TaskUpdate,
+)
+from .common import json_object, no_content, settings
+
+bp = Blueprint("tasks", __name__, url_prefix="/tasks")
+
+
+def _writer() -> dict[str, Any]:
+    return {"session": db.session(), "instance_id": settings().instance_id}
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get(services.IDEMPOTENCY_HEADER)
+    if key is not None and not (
+        len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)
+    ):
+        message = (
+            f"Must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} visible ASCII characters "
+            "(inner spaces allowed)."
+        )
+        raise Unprocessable(
+            f"Invalid {services.IDEMPOTENCY_HEADER} header: {message}",
+            errors={services.IDEMPOTENCY_HEADER: [message]},
+        )
+    return key
+
+
+def _fingerprint(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@bp.post("/")
+def create_task() -> ResponseReturnValue:
+    body = json_object()
+    data, key = TaskCreate().load(body), _idempotency_key()
+    defaults = {"data": data, "default_max_attempts": settings().max_attempts, **_writer()}
+    if key is None:
+        task = TaskOut().dump(services.create_task(**defaults))
+    else:
+        task = services.create_task_idempotently(
+            **defaults, key=key, fingerprint=_fingerprint(body)
+        )
+    return task, 201, {"Location": url_for(".get_task", task_id=task["id"])}
+
+
+@bp.get("/")
+def list_tasks() -> ResponseReturnValue:
+    query = TaskListQuery().load(request.args.to_dict())
+    page = services.list_tasks(session=db.session(), **query)
+    return TaskListItem(many=True).dump(page.items), 200, {"X-Total-Count": str(page.total)}
+
+
+@bp.get("/<id:task_id>")
+def get_task(task_id: int) -> ResponseReturnValue:
+    return TaskOut().dump(services.get_task(session=db.session(), task_id=task_id))
+
+
+@bp.put("/<id:task_id>")
+def update_task(task_id: int) -> ResponseReturnValue:
+    data = TaskUpdate().load(json_object())
+    return TaskOut().dump(services.update_task(**_writer(), task_id=task_id, data=data))
+
+
+@bp.delete("/<id:task_id>")
+def delete_task(task_id: int) -> ResponseReturnValue:
+    services.delete_task(**_writer(), task_id=task_id)
+    return no_content()
+
+
+@bp.post("/<id:task_id>/retry")
+def retry_task(task_id: int) -> ResponseReturnValue:
+    return TaskOut().dump(services.retry_task(**_writer(), task_id=task_id))
+
+
+@bp.post("/<id:task_id>/cancel")
+def cancel_task(task_id: int) -> ResponseReturnValue:
+    return TaskOut().dump(services.cancel_task(**_writer(), task_id=task_id))

@@ -1,0 +1,185 @@
+"""Every failure as one shape: application/problem+json (RFC 9457), never HTML or a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, Response, current_app, request
+from marshmallow import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MIMETYPE = "application/problem+json"
+# How long a client should wait before retrying a 503 (the database is usually back quickly).
+RETRY_AFTER_SECONDS = "1"
+
+
+class ApiError(Exception):
+    """An error the service layer raises on purpose; its status and detail go to the client."""
+
+    status = 500
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: Mapping[str, list[str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = dict(errors) if errors else None
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class Unprocessable(ApiError):
+    """Invalid input outside a marshmallow schema (e.g. a header); `errors` names it."""
+
+    status = 422
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    errors: Mapping[str, list[str]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """Build an application/problem+json response."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = dict(errors)
+    response = current_app.json.response(body)
+    response.status_code = status
+    response.mimetype = PROBLEM_MIMETYPE
+    response.headers.update(headers or {})
+    return response
+
+
+def flatten_messages(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """Turn marshmallow's nested messages into {"conversations.0.content": [...]}."""
+    if isinstance(messages, Mapping):
+        flat: dict[str, list[str]] = {}
+        for key, value in messages.items():
+            # `_schema` holds errors about the object itself, so it names the object's path.
+            path = prefix if key == "_schema" and prefix else _join(prefix, str(key))
+            for name, texts in flatten_messages(value, path).items():
+                flat.setdefault(name, []).extend(texts)
+        return flat
+    if isinstance(messages, list | tuple):
+        if all(isinstance(m, str) for m in messages):
+            return {prefix or "_schema": list(messages)}
+        flat = {}
+        for value in messages:
+            for name, texts in flatten_messages(value, prefix).items():
+                flat.setdefault(name, []).extend(texts)
+        return flat
+    return {prefix or "_schema": [str(messages)]}
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _rollback() -> None:
+    from .extensions import db
+
+    try:
+        db.session.rollback()
+    except Exception:  # the connection may be the thing that broke; teardown discards it anyway
+        log.debug("rollback after an error failed", exc_info=True)
+
+
+def _handle_http(error: HTTPException) -> Response | HTTPException:
+    if error.code is None or error.code < 400:
+        return error  # a routing redirect is a response in its own right
+    # Keep what the exception says about the protocol (Allow on 405, WWW-Authenticate on 401).
+    headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+    return problem(error.code, error.description or HTTPStatus(error.code).phrase, headers=headers)
+
+
+def _handle_api_error(error: ApiError) -> Response:
+    return problem(error.status, error.detail, errors=error.errors, headers=error.headers)
+
+
+def _handle_validation(error: ValidationError) -> Response:
+    errors = flatten_messages(error.messages)
+    fields = ", ".join(errors)
+    return problem(422, f"Invalid input: {fields}.", errors=errors)
+
+
+def _database_unavailable(error: Exception) -> Response:
+    _rollback()
+    log.warning("database unavailable on %s %s: %s", request.method, request.path, error)
+    return problem(
+        503,
+        "The database cannot be reached right now; try again shortly.",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+def _handle_dbapi(error: DBAPIError) -> Response:
+    if isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated:
+        return _database_unavailable(error)
+    return _handle_unexpected(error)
+
+
+def _handle_unexpected(error: Exception) -> Response:
+    _rollback()
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+    return problem(500, "The server hit an unexpected error; it has been logged.")
+
+
+def _close_session(error: BaseException | None) -> None:
+    # Runs before Flask-SQLAlchemy's own teardown (teardowns run in reverse order of
+    # registration, and init_database comes first). If the database dropped the connection
+    # after the response was made, the ROLLBACK that closing issues fails; that must not turn
+    # a finished response into the server's HTML 500.
+    from .extensions import db
+
+    try:
+        db.session.close()
+    except Exception:
+        log.warning("closing a database session failed; its connection is discarded", exc_info=True)
+        try:
+            db.session.invalidate()
+        except Exception:
+            log.debug("invalidating the session failed too", exc_info=True)
+
+
+def init_app(app: Flask) -> None:
+    """Register the problem+json handlers, and a session teardown that cannot fail a response."""
+    app.teardown_appcontext(_close_session)
+    app.register_error_handler(HTTPException, _handle_http)
+    app.register_error_handler(ApiError, _handle_api_error)
+    app.register_error_handler(ValidationError, _handle_validation)
+    app.register_error_handler(DBAPIError, _handle_dbapi)
+    app.register_error_handler(PoolTimeoutError, _database_unavailable)
+    app.register_error_handler(Exception, _handle_unexpected)

@@ -1,0 +1,468 @@
+"""The OpenAPI 3.0.3 document: components from the marshmallow schemas, operations from the
+table below, served by flasgger at /apispec_1.json with Swagger UI at /apidocs/.
+
+The table is the single description of every endpoint (including the system ones in
+taskapp.api.system); flasgger is told not to parse any view, so nothing is documented twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flasgger import Swagger
+from flask import Flask
+
+from . import schemas
+from .errors import PROBLEM_MIMETYPE
+
+SPEC_ROUTE = "/apispec_1.json"
+DOCS_ROUTE = "/apidocs/"
+
+DESCRIPTION = """\
+Tasks with conversations, kept in PostgreSQL and processed in the background by every
+running instance. Every error is `application/problem+json` (RFC 9457).
+
+When the service runs with `API_KEYS`, send one of them as `Authorization: Bearer KEY` or
+`X-API-Key: KEY` (the **Authorize** button); `/health` and these docs need no key.
+"""
+
+# Nested schemas first: registering a schema registers what it nests under the same names.
+COMPONENT_SCHEMAS = {
+    "ConversationCreate": schemas.ConversationCreate,
+    "ConversationUpdate": schemas.ConversationUpdate,
+    "ConversationOut": schemas.ConversationOut,
+    "TaskErrorOut": schemas.TaskErrorOut,
+    "TaskCreate": schemas.TaskCreate,
+    "TaskUpdate": schemas.TaskUpdate,
+    "TaskOut": schemas.TaskOut,
+    "TaskListItem": schemas.TaskListItem,
+    "Problem": schemas.Problem,
+    "ValidationProblem": schemas.ValidationProblem,
+}
+
+# Shared error responses, referred to by status code from every operation below.
+ERROR_RESPONSES: dict[str, tuple[str, str]] = {
+    "400": ("Problem", "The body is not JSON, or not a JSON object."),
+    "401": ("Problem", "API keys are configured and none (or a wrong one) was sent."),
+    "404": ("Problem", "No such resource (ids are integers from 1 to 2^63-1)."),
+    "409": ("Problem", "The task's current state forbids this change."),
+    "413": ("Problem", "The body is over the size limit (1 MiB by default)."),
+    "422": ("ValidationProblem", "Invalid input; `errors` names each bad field."),
+    "500": ("Problem", "An unexpected error (logged; no details are returned)."),
+    "503": ("Problem", "The database cannot be reached (or, for streams, too many are open)."),
+}
+_ERROR_HEADERS = {
+    "401": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    "503": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+}
+
+_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": schemas.BIGINT_MAX}
+TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": _ID_SCHEMA}
+CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _ID_SCHEMA}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Makes the create safe to repeat: a repeat with the same key and body returns the first "
+        "response (same status and body) instead of creating another task; the same key with "
+        "another body is a 422."
+    ),
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": schemas.IDEMPOTENCY_KEY_MAX_LENGTH,
+        "pattern": schemas.IDEMPOTENCY_KEY_PATTERN,
+    },
+}
+EVENTS_TASK_ID = {
+    "name": "task_id",
+    "in": "query",
+    "required": False,
+    "description": "Only the events of this task.",
+    "schema": _ID_SCHEMA,
+}
+PUBLIC: list[dict[str, list[str]]] = []  # `security: []`: no API key needed
+API_KEY = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+STREAM_KEY = [*API_KEY, {"apiKeyQuery": []}]  # EventSource and WebSocket can't send headers
+
+
+def _json(schema: Any) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _body(schema: str, description: str) -> dict[str, Any]:
+    return {"required": True, "description": description, "content": _json(schema)}
+
+
+def _responses(success: dict[str, Any], *errors: str) -> dict[str, Any]:
+    """The success responses plus shared error responses; 401, 414, 500, 503 apply everywhere."""
+    codes = sorted({*errors, "401", "414", "500", "503"})
+    return {**success, **{code: {"$ref": f"#/components/responses/{code}"} for code in codes}}
+
+
+def _ok(schema: Any, description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": _json(schema), **extra}
+
+
+_TASK_LINKS = {
+    "GetTask": {"operationId": "get_task", "parameters": {"task_id": "$response.body#/id"}},
+    "UpdateTask": {"operationId": "update_task", "parameters": {"task_id": "$response.body#/id"}},
+    "DeleteTask": {"operationId": "delete_task", "parameters": {"task_id": "$response.body#/id"}},
+    "AddConversation": {
+        "operationId": "create_conversation",
+        "parameters": {"task_id": "$response.body#/id"},
+    },
+}
+_CONVERSATION_LINKS = {
+    "UpdateConversation": {
+        "operationId": "update_conversation",
+        "parameters": {"conversation_id": "$response.body#/id"},
+    },
+}
+
+BODY_ERRORS = ("400", "413", "422")
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/tasks/": {
+        "post": {
+            "operationId": "create_task",
+            "tags": ["tasks"],
+            "summary": "Create a task, with optional conversations",
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": _body("TaskCreate", "The new task; only `title` is required."),
+            "responses": _responses(
+                {
+                    "201": _ok(
+                        "TaskOut",
+                        "The task, now pending (or the first response to this Idempotency-Key).",
+                        headers={
+                            "Location": {
+                                "description": "The task's URL.",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                        links=_TASK_LINKS,
+                    )
+                },
+                *BODY_ERRORS,
+            ),
+        },
+        "get": {
+            "operationId": "list_tasks",
+            "tags": ["tasks"],
+            "summary": "List tasks by id, each with its conversation count",
+            "parameters": [{"in": "query", "schema": schemas.TaskListQuery}],
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        {"type": "array", "items": "TaskListItem"},
+                        "One page of tasks, ordered by id.",
+                        headers={
+                            "X-Total-Count": {
+                                "description": "Tasks matching the filter, in all pages.",
+                                "schema": {"type": "integer", "minimum": 0},
+                            }
+                        },
+                    )
+                },
+                "422",
+            ),
+        },
+    },
+    "/tasks/{task_id}": {
+        "parameters": [TASK_ID],
+        "get": {
+            "operationId": "get_task",
+            "tags": ["tasks"],
+            "summary": "A task with its conversations and error history",
+            "responses": _responses({"200": _ok("TaskOut", "The task.")}, "404"),
+        },
+        "put": {
+            "operationId": "update_task",
+            "tags": ["tasks"],
+            "summary": "Change some of a task's fields (not its status)",
+            "requestBody": _body("TaskUpdate", "Only the fields sent change."),
+            "responses": _responses(
+                {"200": _ok("TaskOut", "The updated task.")}, "404", *BODY_ERRORS
+            ),
+        },
+        "delete": {
+            "operationId": "delete_task",
+            "tags": ["tasks"],
+            "summary": "Delete a task and its conversations",
+            "description": "A worker processing the task lets go of it without error.",
+            "responses": _responses({"204": {"description": "Deleted."}}, "404"),
+        },
+    },
+    "/tasks/{task_id}/retry": {
+        "parameters": [TASK_ID],
+        "post": {
+            "operationId": "retry_task",
+            "tags": ["tasks"],
+            "summary": "Send a failed, cancelled or completed task back to pending",
+            "description": "Attempts start again from 0; `last_error` and the error history stay.",
+            "responses": _responses(
+                {"200": _ok("TaskOut", "The task, now pending.")}, "404", "409"
+            ),
+        },
+    },
+    "/tasks/{task_id}/cancel": {
+        "parameters": [TASK_ID],
+        "post": {
+            "operationId": "cancel_task",
+            "tags": ["tasks"],
+            "summary": "Cancel a pending task",
+            "responses": _responses(
+                {"200": _ok("TaskOut", "The task, now cancelled.")}, "404", "409"
+            ),
+        },
+    },
+    "/tasks/{task_id}/conversations/": {
+        "parameters": [TASK_ID],
+        "post": {
+            "operationId": "create_conversation",
+            "tags": ["conversations"],
+            "summary": "Add a conversation to a task",
+            "requestBody": _body("ConversationCreate", "The new conversation."),
+            "responses": _responses(
+                {"201": _ok("ConversationOut", "The conversation.", links=_CONVERSATION_LINKS)},
+                "404",
+                *BODY_ERRORS,
+            ),
+        },
+        "get": {
+            "operationId": "list_conversations",
+            "tags": ["conversations"],
+            "summary": "A task's conversations, ordered by id",
+            "responses": _responses(
+                {"200": _ok({"type": "array", "items": "ConversationOut"}, "The conversations.")},
+                "404",
+            ),
+        },
+    },
+    "/conversations/{conversation_id}": {
+        "parameters": [CONVERSATION_ID],
+        "put": {
+            "operationId": "update_conversation",
+            "tags": ["conversations"],
+            "summary": "Change a conversation's content and/or status",
+            "requestBody": _body("ConversationUpdate", "Only the fields sent change."),
+            "responses": _responses(
+                {"200": _ok("ConversationOut", "The updated conversation.")}, "404", *BODY_ERRORS
+            ),
+        },
+    },
+    "/health": {
+        "get": {
+            "operationId": "health",
+            "tags": ["system"],
+            "summary": "Whether this instance can reach the database (no API key needed)",
+            "security": PUBLIC,
+            "responses": {
+                "200": _ok("Health", "Healthy."),
+                "503": _ok("Health", "The database cannot be reached."),
+                "414": {"$ref": "#/components/responses/414"},
+                "500": {"$ref": "#/components/responses/500"},
+            },
+        },
+    },
+    "/status": {
+        "get": {
+            "operationId": "status",
+            "tags": ["system"],
+            "summary": "This instance's worker, the queue, and every live instance",
+            "responses": _responses({"200": _ok("Status", "The status.")}),
+        },
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "tags": ["system"],
+            "summary": "Prometheus metrics of the whole cluster's queue and this instance",
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                }
+            ),
+        },
+    },
+    "/events": {
+        "parameters": [EVENTS_TASK_ID],
+        "get": {
+            "operationId": "events",
+            "tags": ["system"],
+            "security": STREAM_KEY,
+            "summary": "Server-Sent Events: one JSON event per change, made on any instance",
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "An endless `text/event-stream`; each `data:` is an Event.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+                "422",
+            ),
+        },
+    },
+    "/ws": {
+        "parameters": [EVENTS_TASK_ID],
+        "get": {
+            "operationId": "websocket",
+            "tags": ["system"],
+            "security": STREAM_KEY,
+            "summary": "WebSocket: the same events as /events, one JSON text message each",
+            "responses": _responses(
+                {
+                    "101": {"description": "Switching Protocols; then one Event per message."},
+                    "400": {"$ref": "#/components/responses/400"},
+                },
+                "422",
+            ),
+        },
+    },
+}
+
+# The system endpoints' bodies, written by hand: they are not marshmallow schemas.
+EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Health": {
+        "type": "object",
+        "required": ["status", "database"],
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+            "database": {"type": "string", "example": "ok"},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "description": (
+            "`instance_id`; `worker` (running, current task, processed and failed counts, "
+            "started at); `queue` (tasks per status); `instances` (every live instance with "
+            "its last heartbeat)."
+        ),
+        "properties": {
+            "instance_id": {"type": "string"},
+            "worker": {"type": "object"},
+            "queue": {
+                "type": "object",
+                "properties": {
+                    status: {"type": "integer", "minimum": 0} for status in schemas.TASK_STATUSES
+                },
+            },
+            "instances": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "required": ["type", "task_id", "status", "instance_id", "at"],
+        "properties": {
+            "type": {
+                "type": "string",
+                "enum": [
+                    "task.created",
+                    "task.updated",
+                    "task.claimed",
+                    "task.completed",
+                    "task.retrying",
+                    "task.failed",
+                    "task.cancelled",
+                    "task.deleted",
+                    "conversation.created",
+                    "conversation.updated",
+                ],
+            },
+            "task_id": {"type": "integer"},
+            "conversation_id": {"type": "integer"},
+            "status": {"type": "string", "nullable": True, "description": "The task's status."},
+            "instance_id": {"type": "string", "nullable": True},
+            "at": {"type": "string", "format": "date-time"},
+        },
+    },
+}
+
+
+def build_spec() -> dict[str, Any]:
+    """The whole OpenAPI document as a dict."""
+    spec = APISpec(
+        title="taskapp",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": DESCRIPTION},
+        security=API_KEY,
+        tags=[
+            {"name": "tasks", "description": "Tasks and their lifecycle."},
+            {"name": "conversations", "description": "A task's conversations."},
+            {"name": "system", "description": "Health, status, metrics and live events."},
+        ],
+    )
+    spec.components.security_scheme(
+        "bearerAuth", {"type": "http", "scheme": "bearer", "description": "An API key."}
+    )
+    spec.components.security_scheme(
+        "apiKeyHeader", {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    )
+    spec.components.security_scheme(
+        "apiKeyQuery",
+        {
+            "type": "apiKey",
+            "in": "query",
+            "name": "api_key",
+            "description": "Only for the streams, which browsers open without headers.",
+        },
+    )
+    for name, schema in COMPONENT_SCHEMAS.items():
+        spec.components.schema(name, schema=schema)
+    for name, schema in EXTRA_SCHEMAS.items():
+        spec.components.schema(name, schema)
+    for code, (schema, description) in ERROR_RESPONSES.items():
+        response: dict[str, Any] = {
+            "description": description,
+            "content": {PROBLEM_MIMETYPE: {"schema": schema}},
+        }
+        if code in _ERROR_HEADERS:
+            response["headers"] = _ERROR_HEADERS[code]
+        spec.components.response(code, response)
+    # gunicorn refuses an over-long request line itself, before the service sees it.
+    spec.components.response(
+        "414",
+        {
+            "description": "The URL is longer than gunicorn's limit (4094 bytes of request "
+            "line); gunicorn answers this itself, as a small HTML page.",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        },
+    )
+    for path, item in PATHS.items():
+        operations = {k: v for k, v in item.items() if k != "parameters"}
+        spec.path(path=path, operations=operations, parameters=item.get("parameters"))
+    return spec.to_dict()
+
+
+def init_app(app: Flask) -> None:
+    """Serve the spec at /apispec_1.json and Swagger UI at /apidocs/."""
+    config = {
+        "headers": [],
+        "specs": [
+            {
+                "endpoint": "apispec_1",
+                "route": SPEC_ROUTE,
+                # The template is the whole spec: flasgger must not add paths of its own.
+                "rule_filter": lambda rule: False,
+                "model_filter": lambda tag: False,
+            }
+        ],
+        "static_url_path": "/flasgger_static",
+        "swagger_ui": True,
+        "specs_route": DOCS_ROUTE,
+        "openapi": "3.0.3",
+        "title": "taskapp API",
+        "uiversion": 3,
+        "ui_params": {"persistAuthorization": True, "displayRequestDuration": True},
+        "auth": {},  # flasgger's page renders this into JavaScript; its default breaks the page
+    }
+    Swagger(app, template=build_spec(), config=config, merge=False)

@@ -1,0 +1,228 @@
+"""Marshmallow schemas: what the API accepts (strictly) and what it returns.
+
+Each rule that a field enforces in Python is also written into its JSON Schema (`pattern`,
+`minimum`, …) so that the OpenAPI document promises exactly what the service accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+from .models import TITLE_MAX_LENGTH, ConversationStatus, TaskStatus
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+MAX_ATTEMPTS_LIMIT = 100
+LIST_LIMIT_MAX = 1000
+LIST_LIMIT_DEFAULT = 100
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+# Visible ASCII with inner spaces: HTTP would strip outer whitespace and mangle non-ASCII.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+
+TASK_STATUSES = [status.value for status in TaskStatus]
+CONVERSATION_STATUSES = [status.value for status in ConversationStatus]
+
+# Exactly the characters for which str.isspace() is true, spelled as escapes that mean the same
+# in Python's `re` and in the ECMA-262 regexes of JSON Schema, so both sides agree on "blank".
+_WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NOT_BLANK_PATTERN = rf"[^\x00{_WHITESPACE}]"
+TITLE_PATTERN = rf"^[^\x00]*{NOT_BLANK_PATTERN}[^\x00]*$"
+_NOT_BLANK = re.compile(NOT_BLANK_PATTERN)
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL character, no unpaired surrogate."""
+
+    pattern = NO_NUL_PATTERN
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["metadata"] = {"pattern": self.pattern, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Must not contain the NUL character (\\u0000).")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Must be valid Unicode (no unpaired surrogates).") from None
+        return text
+
+
+class Title(Text):
+    """A task title: 1..255 characters, not only whitespace."""
+
+    pattern = TITLE_PATTERN
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Length(min=1, max=TITLE_MAX_LENGTH), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if text and not _NOT_BLANK.search(text):
+            raise ValidationError("Must not be blank.")
+        return text
+
+
+class StrictInteger(fields.Integer):
+    """A JSON integer in a range: booleans, floats and numeric strings are refused."""
+
+    def __init__(self, minimum: int, maximum: int, **kwargs: Any) -> None:
+        super().__init__(strict=True, validate=validate.Range(minimum, maximum), **kwargs)
+
+
+class QueryInteger(fields.Integer):
+    """An integer query parameter: plain ASCII digits only (int() would take '1_0' or ' 7')."""
+
+    _DIGITS = re.compile(r"-?[0-9]+")
+
+    def __init__(self, minimum: int, maximum: int, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Range(minimum, maximum), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, str) or not self._DIGITS.fullmatch(value):
+            raise self.make_error("invalid", input=value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Timestamp(fields.DateTime):
+    """An ISO 8601 time with a UTC offset, read and written in UTC."""
+
+    default_error_messages = {
+        "invalid": "Not a valid ISO 8601 date-time.",
+        "naive": "Must include a UTC offset, e.g. 2030-01-01T09:00:00Z.",
+        "range": "Must be between years 1 and 9999 in UTC.",
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise self.make_error("naive")
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise self.make_error("range") from None
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).isoformat()
+
+
+class _Input(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class ConversationCreate(_Input):
+    content = Text(required=True, validate=validate.Length(min=1))
+
+
+class ConversationUpdate(_Input):
+    content = Text(validate=validate.Length(min=1))
+    status = fields.String(validate=validate.OneOf(CONVERSATION_STATUSES))
+
+
+class TaskUpdate(_Input):
+    """A partial update: only the fields sent change (`status` is not writable)."""
+
+    title = Title()
+    description = Text(allow_none=True)
+    priority = StrictInteger(INT32_MIN, INT32_MAX, metadata={"description": "Higher runs first."})
+    scheduled_for = Timestamp(
+        allow_none=True, metadata={"description": "Not run before this time; null: run now."}
+    )
+    max_attempts = StrictInteger(1, MAX_ATTEMPTS_LIMIT)
+
+
+class TaskCreate(TaskUpdate):
+    title = Title(required=True)
+    priority = StrictInteger(
+        INT32_MIN, INT32_MAX, metadata={"description": "Higher runs first.", "default": 0}
+    )
+    max_attempts = StrictInteger(
+        1,
+        MAX_ATTEMPTS_LIMIT,
+        metadata={"description": "Defaults to the service's MAX_ATTEMPTS setting."},
+    )
+    conversations = fields.List(fields.Nested(ConversationCreate))
+
+
+class TaskListQuery(_Input):
+    limit = QueryInteger(1, LIST_LIMIT_MAX, load_default=LIST_LIMIT_DEFAULT)
+    offset = QueryInteger(0, BIGINT_MAX, load_default=0)
+    status = fields.String(validate=validate.OneOf(TASK_STATUSES))
+
+
+class ConversationOut(Schema):
+    id = fields.Integer(required=True)
+    task_id = fields.Integer(required=True)
+    content = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(CONVERSATION_STATUSES))
+    created_at = Timestamp(required=True)
+    updated_at = Timestamp(required=True)
+
+
+class TaskErrorOut(Schema):
+    attempt = fields.Integer(required=True)
+    instance_id = fields.String(required=True, allow_none=True)
+    error = fields.String(required=True)
+    at = Timestamp(required=True)
+
+
+class _TaskOutBase(Schema):
+    id = fields.Integer(required=True)
+    title = fields.String(required=True)
+    description = fields.String(required=True, allow_none=True)
+    status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    priority = fields.Integer(required=True)
+    scheduled_for = Timestamp(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    max_attempts = fields.Integer(required=True)
+    last_error = fields.String(required=True, allow_none=True)
+    created_at = Timestamp(required=True)
+    updated_at = Timestamp(required=True)
+    processed_at = Timestamp(required=True, allow_none=True)
+    processing_instance_id = fields.String(required=True, allow_none=True)
+
+
+class TaskOut(_TaskOutBase):
+    conversations = fields.List(fields.Nested(ConversationOut), required=True)
+    errors = fields.List(
+        fields.Nested(TaskErrorOut),
+        required=True,
+        metadata={"description": "Failed attempts, oldest first (the newest 20 are kept)."},
+    )
+
+
+class TaskListItem(_TaskOutBase):
+    conversation_count = fields.Integer(required=True)
+
+
+class Problem(Schema):
+    """An RFC 9457 problem detail."""
+
+    class Meta:
+        unknown = INCLUDE  # RFC 9457 lets a problem carry extension members
+
+    type = fields.String(required=True, metadata={"example": "about:blank"})
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+
+
+class ValidationProblem(Problem):
+    """A problem detail naming each invalid field."""
+
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        required=True,
+        metadata={"example": {"title": ["Missing data for required field."]}},
+    )

@@ -1,0 +1,388 @@
+"""Reads and writes of tasks and conversations: keyword-only functions that take the session.
+
+Each write commits its own transaction, with its events (NOTIFY) inside it. State changes that
+race with workers (retry, cancel, the run_after of an update) are single conditional UPDATEs,
+so whoever commits first wins and the other sees the new state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from marshmallow import Schema, fields
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, selectinload
+
+from .errors import Conflict, NotFound, Unprocessable
+from .events import publish, wake_workers
+from .models import Conversation, ConversationStatus, IdempotencyKey, Task, TaskStatus
+from .schemas import TaskOut
+
+RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """A task as listed: its columns (delegated) plus how many conversations it has."""
+
+    task: Task
+    conversation_count: int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of a task listing and the number of tasks in all pages."""
+
+    items: list[TaskSummary]
+    total: int
+
+
+def _commit(session: Session) -> None:
+    # Keep loaded objects as they are: the caller serialises them next, and reloading them in a
+    # new transaction could find a row that a concurrent request deleted meanwhile.
+    expire, session.expire_on_commit = session.expire_on_commit, False
+    try:
+        session.commit()
+    finally:
+        session.expire_on_commit = expire
+
+
+def _load_task(session: Session, task_id: int) -> Task:
+    task = session.scalars(
+        select(Task)
+        .where(Task.id == task_id)
+        .options(selectinload(Task.conversations), selectinload(Task.errors))
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if task is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    return task
+
+
+def _load_conversation(session: Session, conversation_id: int) -> Conversation:
+    conversation = session.scalars(
+        select(Conversation)
+        .where(Conversation.id == conversation_id)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if conversation is None:
+        raise NotFound(f"Conversation {conversation_id} does not exist.")
+    return conversation
+
+
+def _task_status(session: Session, task_id: int, *, lock: bool = False) -> str:
+    query = select(Task.status).where(Task.id == task_id)
+    if lock:
+        # FOR KEY SHARE: the task can't be deleted under us, yet workers can still update it.
+        query = query.with_for_update(key_share=True)
+    status = session.scalar(query)
+    if status is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    return status
+
+
+def get_task(*, session: Session, task_id: int) -> Task:
+    """One task with its conversations and error history; NotFound if it does not exist."""
+    return _load_task(session, task_id)
+
+
+def list_tasks(*, session: Session, status: str | None = None, limit: int, offset: int) -> TaskPage:
+    """A page of tasks ordered by id, each with its conversation count (one grouped query)."""
+    filters = [Task.status == status] if status else []
+    total = session.scalar(select(func.count()).select_from(Task).where(*filters)) or 0
+    tasks = session.scalars(
+        select(Task).where(*filters).order_by(Task.id).limit(limit).offset(offset)
+    ).all()
+    counts: dict[int, int] = {}
+    if tasks:
+        rows = session.execute(
+            select(Conversation.task_id, func.count())
+            .where(Conversation.task_id.in_([task.id for task in tasks]))
+            .group_by(Conversation.task_id)
+        )
+        counts = {task_id: count for task_id, count in rows}
+    return TaskPage([TaskSummary(task, counts.get(task.id, 0)) for task in tasks], total)
+
+
+def _insert_task(
+    session: Session, data: Mapping[str, Any], instance_id: str | None, default_max_attempts: int
+) -> Task:
+    scheduled_for: datetime | None = data.get("scheduled_for")
+    task = Task(
+        title=data["title"],
+        description=data.get("description"),
+        status=TaskStatus.PENDING.value,
+        priority=data.get("priority", 0),
+        scheduled_for=scheduled_for,
+        run_after=scheduled_for if scheduled_for is not None else func.now(),
+        attempts=0,
+        max_attempts=data.get("max_attempts", default_max_attempts),
+        conversations=[
+            Conversation(content=item["content"], status=ConversationStatus.ACTIVE.value)
+            for item in data.get("conversations", [])
+        ],
+    )
+    session.add(task)
+    session.flush()
+    publish(session, "task.created", task_id=task.id, status=task.status, instance_id=instance_id)
+    if scheduled_for is None or scheduled_for <= datetime.now(UTC):
+        wake_workers(session)
+    return _load_task(session, task.id)
+
+
+def create_task(
+    *,
+    session: Session,
+    data: Mapping[str, Any],
+    instance_id: str | None,
+    default_max_attempts: int,
+) -> Task:
+    """Create a pending task with its conversations; workers are woken if it is due."""
+    task = _insert_task(session, data, instance_id, default_max_attempts)
+    _commit(session)
+    return task
+
+
+def create_task_idempotently(
+    *,
+    session: Session,
+    data: Mapping[str, Any],
+    key: str,
+    fingerprint: str,
+    instance_id: str | None,
+    default_max_attempts: int,
+) -> dict[str, Any]:
+    """Create a task once per key and return its serialised first response; a repeat replays it.
+
+    The key's row is inserted first, in the task's transaction: a concurrent request with the
+    same key waits on it, then finds it committed and replays it, so one key makes one task.
+    """
+    claimed = session.execute(
+        insert(IdempotencyKey)
+        .values(key=key, fingerprint=fingerprint, response={})
+        .on_conflict_do_nothing(index_elements=[IdempotencyKey.key])
+        .returning(IdempotencyKey.key)
+    ).first()
+    if claimed is None:
+        stored_fingerprint, response = session.execute(
+            select(IdempotencyKey.fingerprint, IdempotencyKey.response).where(
+                IdempotencyKey.key == key
+            )
+        ).one()
+        session.rollback()
+        if stored_fingerprint != fingerprint:
+            raise Unprocessable(
+                "This Idempotency-Key was already used with a different request body.",
+                errors={IDEMPOTENCY_HEADER: ["Already used with a different request body."]},
+            )
+        return _in_field_order(TaskOut(), response)
+    task = _insert_task(session, data, instance_id, default_max_attempts)
+    body: dict[str, Any] = TaskOut().dump(task)
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.key == key)
+        .values(task_id=task.id, response=body)
+    )
+    _commit(session)
+    return body
+
+
+def _in_field_order(schema: Schema, data: Mapping[str, Any]) -> dict[str, Any]:
+    # JSONB does not keep key order; give a replay the byte-for-byte order of the first response.
+    ordered: dict[str, Any] = {}
+    for name, field in schema.dump_fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        inner = field.inner if isinstance(field, fields.List) else None
+        if isinstance(inner, fields.Nested) and isinstance(value, list):
+            nested = inner.schema
+            value = [_in_field_order(nested, item) for item in value]
+        ordered[name] = value
+    return ordered
+
+
+def update_task(
+    *, session: Session, task_id: int, data: Mapping[str, Any], instance_id: str | None
+) -> Task:
+    """Change only the fields given; a new scheduled_for also moves a pending task's run time."""
+    if not data:
+        return _load_task(session, task_id)
+    values: dict[str, Any] = {**data, "updated_at": func.now()}
+    if "scheduled_for" in data:
+        scheduled_for = data["scheduled_for"]
+        run_after = scheduled_for if scheduled_for is not None else func.now()
+        # Only a pending task waits on run_after; for the others it belongs to the worker.
+        values["run_after"] = case(
+            (Task.status == TaskStatus.PENDING.value, run_after), else_=Task.run_after
+        )
+    row = session.execute(
+        update(Task)
+        .where(Task.id == task_id)
+        .values(values)
+        .returning(Task.status, Task.run_after <= func.now())
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    status, due = row
+    publish(session, "task.updated", task_id=task_id, status=status, instance_id=instance_id)
+    if "scheduled_for" in data and status == TaskStatus.PENDING and due:
+        wake_workers(session)
+    task = _load_task(session, task_id)
+    _commit(session)
+    return task
+
+
+def delete_task(*, session: Session, task_id: int, instance_id: str | None) -> None:
+    """Delete a task and its conversations; a worker processing it lets go when it finishes."""
+    status = session.scalar(
+        delete(Task)
+        .where(Task.id == task_id)
+        .returning(Task.status)
+        .execution_options(synchronize_session=False)
+    )
+    if status is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    publish(session, "task.deleted", task_id=task_id, status=status, instance_id=instance_id)
+    session.commit()
+
+
+def _state_conflict(session: Session, task_id: int, action: str, allowed: Sequence[str]) -> None:
+    status = _task_status(session, task_id)
+    names = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+    raise Conflict(f"Task {task_id} is {status}; only {names} tasks can be {action}.")
+
+
+def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> Task:
+    """Send a failed, cancelled or completed task back to pending with fresh attempts."""
+    retried = session.scalar(
+        update(Task)
+        .where(Task.id == task_id, Task.status.in_([s.value for s in RETRYABLE]))
+        .values(
+            status=TaskStatus.PENDING.value,
+            attempts=0,
+            run_after=func.now(),
+            lease_token=None,
+            lease_expires_at=None,
+            processing_instance_id=None,
+            processed_at=None,
+            updated_at=func.now(),
+        )
+        .returning(Task.id)
+        .execution_options(synchronize_session=False)
+    )
+    if retried is None:
+        _state_conflict(session, task_id, "retried", [s.value for s in RETRYABLE])
+    session.execute(
+        update(Conversation)
+        .where(
+            Conversation.task_id == task_id,
+            Conversation.status != ConversationStatus.ACTIVE.value,
+        )
+        .values(status=ConversationStatus.ACTIVE.value, updated_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+    publish(
+        session,
+        "task.updated",
+        task_id=task_id,
+        status=TaskStatus.PENDING.value,
+        instance_id=instance_id,
+    )
+    wake_workers(session)
+    task = _load_task(session, task_id)
+    _commit(session)
+    return task
+
+
+def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> Task:
+    """Cancel a pending task; one already claimed by a worker is a Conflict."""
+    cancelled = session.scalar(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
+        .values(status=TaskStatus.CANCELLED.value, updated_at=func.now())
+        .returning(Task.id)
+        .execution_options(synchronize_session=False)
+    )
+    if cancelled is None:
+        _state_conflict(session, task_id, "cancelled", [TaskStatus.PENDING.value])
+    publish(
+        session,
+        "task.cancelled",
+        task_id=task_id,
+        status=TaskStatus.CANCELLED.value,
+        instance_id=instance_id,
+    )
+    task = _load_task(session, task_id)
+    _commit(session)
+    return task
+
+
+def create_conversation(
+    *, session: Session, task_id: int, data: Mapping[str, Any], instance_id: str | None
+) -> Conversation:
+    """Add a conversation to a task; NotFound if the task does not exist."""
+    task_status = _task_status(session, task_id, lock=True)
+    conversation = Conversation(
+        task_id=task_id, content=data["content"], status=ConversationStatus.ACTIVE.value
+    )
+    session.add(conversation)
+    session.flush()
+    publish(
+        session,
+        "conversation.created",
+        task_id=task_id,
+        status=task_status,
+        instance_id=instance_id,
+        conversation_id=conversation.id,
+    )
+    conversation = _load_conversation(session, conversation.id)
+    _commit(session)
+    return conversation
+
+
+def list_conversations(*, session: Session, task_id: int) -> list[Conversation]:
+    """A task's conversations ordered by id; NotFound if the task does not exist."""
+    _task_status(session, task_id)
+    return list(
+        session.scalars(
+            select(Conversation).where(Conversation.task_id == task_id).order_by(Conversation.id)
+        )
+    )
+
+
+def update_conversation(
+    *, session: Session, conversation_id: int, data: Mapping[str, Any], instance_id: str | None
+) -> Conversation:
+    """Change a conversation's content and/or status."""
+    if not data:
+        return _load_conversation(session, conversation_id)
+    task_id = session.scalar(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values({**data, "updated_at": func.now()})
+        .returning(Conversation.task_id)
+        .execution_options(synchronize_session=False)
+    )
+    if task_id is None:
+        raise NotFound(f"Conversation {conversation_id} does not exist.")
+    publish(
+        session,
+        "conversation.updated",
+        task_id=task_id,
+        status=_task_status(session, task_id),
+        instance_id=instance_id,
+        conversation_id=conversation_id,
+    )
+    conversation = _load_conversation(session, conversation_id)
+    _commit(session)
+    return conversation
