@@ -138,15 +138,29 @@ def test_a_stalled_client_does_not_hold_up_the_others(instances, db_conn):
     live = SseClient(f"{a.url}/events")
     try:
         wait_for(lambda: a.status()["event_streams"]["open"] == 2)
-        # Enough events to fill the stalled client's socket buffers and its queue.
-        db_conn.execute(
-            "SELECT pg_notify('taskapp_events', json_build_object("
-            "'type', 'task.updated', 'task_id', n, 'status', 'pending',"
-            " 'instance_id', 'x', 'at', now(), 'pad', repeat('x', 2000))::text)"
-            " FROM generate_series(1, 3000) AS n"
+        # 20 MB of events: more than the stalled client's socket buffers and its queue hold.
+        # Sent in paced batches so that the live client, which keeps up, never lags far.
+        batch, batches = 200, 25
+        for n in range(batches):
+            first = n * batch + 1
+            db_conn.execute(
+                "SELECT pg_notify('taskapp_events', json_build_object("
+                "'type', 'task.updated', 'task_id', i, 'status', 'pending',"
+                " 'instance_id', 'x', 'at', now(), 'pad', repeat('x', 4000))::text)"
+                " FROM generate_series(%s::int, %s::int) AS i",
+                (first, first + batch - 1),
+            )
+            live.wait_for_event(timeout=20, task_id=first + batch - 1)
+        wait_for(
+            lambda: a.status()["event_streams"]["open"] == 1,
+            what="the stalled client to be cut off",
         )
-        last = live.wait_for_event(timeout=20, task_id=3000)
-        assert last["type"] == "task.updated"
+        # The live client is still served.
+        db_conn.execute(
+            "SELECT pg_notify('taskapp_events', json_build_object('type', 'task.updated',"
+            " 'task_id', 0, 'status', 'pending', 'instance_id', 'x', 'at', now())::text)"
+        )
+        assert live.wait_for_event(timeout=10, task_id=0)["type"] == "task.updated"
     finally:
         stalled.close()
         live.close()
