@@ -16,6 +16,7 @@ from flask import Flask
 
 from . import schemas
 from .errors import PROBLEM_MIMETYPE
+from .events import EVENT_TYPES
 
 SPEC_ROUTE = "/apispec_1.json"
 DOCS_ROUTE = "/apidocs/"
@@ -363,18 +364,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "type": {
                 "type": "string",
-                "enum": [
-                    "task.created",
-                    "task.updated",
-                    "task.claimed",
-                    "task.completed",
-                    "task.retrying",
-                    "task.failed",
-                    "task.cancelled",
-                    "task.deleted",
-                    "conversation.created",
-                    "conversation.updated",
-                ],
+                "enum": list(EVENT_TYPES),
             },
             "task_id": {"type": "integer"},
             "conversation_id": {"type": "integer"},

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 
 from .models import ERROR_HISTORY_LIMIT
 
@@ -97,47 +97,45 @@ def claim(engine: Engine, *, instance_id: str, limit: int, lease_seconds: float)
     ]
 
 
-def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
+def _fenced(
+    engine: Engine, statement: str, claimed: Claim, instance_id: str, **params: object
+) -> Row | None:
+    """Run a write about a claimed task; it matches no row once the lease is lost."""
     with engine.begin() as conn:
-        row = conn.execute(
-            STATEMENTS["complete"],
+        return conn.execute(
+            STATEMENTS[statement],
             {
                 "task_id": claimed.task.id,
                 "lease_token": claimed.lease_token,
                 "instance_id": instance_id,
+                **params,
             },
         ).first()
+
+
+def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
+    row = _fenced(engine, "complete", claimed, instance_id)
     return Outcome(applied=row is not None, status="completed" if row else None)
 
 
 def fail(
     engine: Engine, claimed: Claim, *, instance_id: str, error: str, retry_delay: float
 ) -> Outcome:
-    with engine.begin() as conn:
-        row = conn.execute(
-            STATEMENTS["fail"],
-            {
-                "task_id": claimed.task.id,
-                "lease_token": claimed.lease_token,
-                "instance_id": instance_id,
-                "error": error,
-                "retry_delay": retry_delay,
-                "keep_errors": ERROR_HISTORY_LIMIT,
-            },
-        ).first()
+    row = _fenced(
+        engine,
+        "fail",
+        claimed,
+        instance_id,
+        error=error,
+        retry_delay=retry_delay,
+        keep_errors=ERROR_HISTORY_LIMIT,
+    )
     return Outcome(applied=row is not None, status=row.status if row else None)
 
 
 def release(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
-    with engine.begin() as conn:
-        row = conn.execute(
-            STATEMENTS["release"],
-            {
-                "task_id": claimed.task.id,
-                "lease_token": claimed.lease_token,
-                "instance_id": instance_id,
-            },
-        ).first()
+    """Hand the task back without spending its attempt."""
+    row = _fenced(engine, "release", claimed, instance_id)
     return Outcome(applied=row is not None, status="pending" if row else None)
 
 
