@@ -19,6 +19,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     Uuid,
@@ -152,6 +153,19 @@ class TaskError(db.Model):
     instance_id: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class TaskCount(db.Model):
+    """Running task counts by status, kept by triggers on tasks (migration 0002).
+
+    A status's count is the sum over its shards; reading it costs the same at any table size.
+    """
+
+    __tablename__ = "task_counts"
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
 
 
 class Instance(db.Model):

@@ -225,3 +225,43 @@ def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
         plan = "\n".join(row[0] for row in conn.execute(explain, params))
     assert "ix_tasks_claim" in plan, plan
     assert "Seq Scan on tasks" not in plan, plan
+
+
+def kept_counts(conn: psycopg.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT status, sum(n) FROM task_counts GROUP BY status").fetchall()
+    return {status: int(n) for status, n in rows if n}
+
+
+def true_counts(conn: psycopg.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+
+
+def test_kept_counts_match_the_table_through_every_transition(engine, db_conn):
+    for n in range(30):
+        add_task(db_conn, f"t{n}", max_attempts=1)
+    db_conn.execute(
+        "INSERT INTO tasks (title, max_attempts, status, processed_at)"
+        " SELECT 'history', 1, 'completed', now() FROM generate_series(1, 500)"
+    )
+    assert kept_counts(db_conn) == true_counts(db_conn) == {"pending": 30, "completed": 500}
+
+    def work(name: str) -> None:
+        while claims := queue.claim(engine, instance_id=name, limit=2, lease_seconds=30):
+            for n, claimed in enumerate(claims):
+                if claimed.task.id % 3 == 0:
+                    queue.fail(engine, claimed, instance_id=name, error="E", retry_delay=0)
+                elif n == 1:
+                    queue.release(engine, claimed, instance_id=name)
+                else:
+                    queue.complete(engine, claimed, instance_id=name)
+
+    threads = [threading.Thread(target=work, args=(f"i{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    db_conn.execute("UPDATE tasks SET status = 'cancelled' WHERE id IN (1, 2)")
+    db_conn.execute("DELETE FROM tasks WHERE title = 'history' AND id % 2 = 0")
+    assert kept_counts(db_conn) == true_counts(db_conn)
+    db_conn.execute("TRUNCATE tasks CASCADE")
+    assert kept_counts(db_conn) == {}
