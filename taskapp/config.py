@@ -61,6 +61,7 @@ class Settings:
     auto_migrate: bool = True
     max_content_length: int = 1024 * 1024
     max_event_streams: int = 100
+    db_pool_size: int | None = None
     event_keepalive_seconds: float = 15.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -87,6 +88,7 @@ class Settings:
             "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
             "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
+            "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
         }
         for name, (attr, kind, minimum) in numbers.items():

@@ -1,6 +1,6 @@
 """The queue's verbs: claim, complete, fail, release, renew, rescue, heartbeat.
 
-Each verb runs one named statement from sql/queue.sql in its own short transaction, through
+Each verb runs one named statement from sql/queue.sql as one autocommitted statement, through
 SQLAlchemy Core on the shared engine (no ORM unit of work on the hot path). Completion,
 failure and release are fenced by the claim's lease token: a worker that lost its lease
 changes nothing.
@@ -11,17 +11,31 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 
 from .models import ERROR_HISTORY_LIMIT
 
 _SQL_FILE = Path(__file__).with_name("sql") / "queue.sql"
+
+
+@contextmanager
+def _autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in autocommit mode.
+
+    Every verb is a single statement, atomic on its own, so an explicit transaction would
+    only add BEGIN and COMMIT round trips, and a window in which a vanished client could
+    leave rows locked.
+    """
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
 
 
 def _load_statements(path: Path) -> dict[str, TextClause]:
@@ -72,7 +86,7 @@ class Outcome:
 
 
 def claim(engine: Engine, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         rows = conn.execute(
             STATEMENTS["claim"],
             {"instance_id": instance_id, "limit": limit, "lease_seconds": lease_seconds},
@@ -101,7 +115,7 @@ def _fenced(
     engine: Engine, statement: str, claimed: Claim, instance_id: str, **params: object
 ) -> Row | None:
     """Run a write about a claimed task; it matches no row once the lease is lost."""
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         return conn.execute(
             STATEMENTS[statement],
             {
@@ -143,7 +157,7 @@ def renew_leases(engine: Engine, held: list[Claim], *, lease_seconds: float) -> 
     """Extend the leases of the given claims; return the ids of tasks still held."""
     if not held:
         return set()
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         rows = conn.execute(
             STATEMENTS["renew_leases"],
             {
@@ -157,13 +171,13 @@ def renew_leases(engine: Engine, held: list[Claim], *, lease_seconds: float) -> 
 
 def rescue_expired(engine: Engine, *, instance_id: str) -> list[tuple[int, str]]:
     """Re-queue (or fail) tasks whose lease ran out; return (task id, new status) pairs."""
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         rows = conn.execute(STATEMENTS["rescue_expired"], {"instance_id": instance_id}).all()
     return [(row.id, row.status) for row in rows]
 
 
 def seconds_until_next_due(engine: Engine) -> float | None:
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         seconds = conn.execute(STATEMENTS["seconds_until_next_due"]).scalar()
     return None if seconds is None else float(seconds)
 
@@ -180,7 +194,7 @@ def heartbeat(
     failed_count: int,
     started_at: datetime,
 ) -> None:
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         conn.execute(
             STATEMENTS["heartbeat"],
             {
@@ -197,17 +211,17 @@ def heartbeat(
 
 
 def instance_stopped(engine: Engine, *, instance_id: str) -> None:
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         conn.execute(STATEMENTS["instance_stopped"], {"instance_id": instance_id})
 
 
 def forget_instances(engine: Engine, *, older_than_seconds: float) -> None:
-    with engine.begin() as conn:
+    with _autocommit(engine) as conn:
         conn.execute(STATEMENTS["forget_instances"], {"forget_after_seconds": older_than_seconds})
 
 
 def instances(engine: Engine) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         return [dict(row._mapping) for row in conn.execute(STATEMENTS["instances"])]
 
 
@@ -215,13 +229,13 @@ def queue_counts(engine: Engine) -> dict[str, int]:
     from .models import TaskStatus
 
     counts = dict.fromkeys((s.value for s in TaskStatus), 0)
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         counts.update({row.status: row.n for row in conn.execute(STATEMENTS["queue_counts"])})
     return counts
 
 
 def oldest_pending_age(engine: Engine) -> float:
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         return float(conn.execute(STATEMENTS["oldest_pending_age"]).scalar() or 0)
 
 

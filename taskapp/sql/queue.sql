@@ -84,7 +84,9 @@ SELECT id, status,
        pg_notify('taskapp_events', json_build_object(
            'type', CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
            'task_id', id, 'status', status,
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
+       -- Idle workers anywhere learn of the retry's due time and sleep until it.
+       CASE WHEN status = 'pending' THEN pg_notify('taskapp_wakeup', '') END AS woken
 FROM failed;
 
 -- name: release
@@ -191,7 +193,7 @@ ORDER BY started_at DESC;
 
 -- name: queue_counts
 -- Tasks by status, from the counts the triggers keep (cheap at any table size).
-SELECT status, sum(n) AS n FROM task_counts GROUP BY status;
+SELECT status, CAST(sum(n) AS bigint) AS n FROM task_counts GROUP BY status;
 
 -- name: oldest_pending_age
 -- Seconds since the oldest due pending task became claimable (0 when none).
