@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run every benchmark in turn; the result tables go to stdout (and bench/results/<date>.md),
+# progress to stderr.
+#   bench/run_all.sh           full run (10-15 min on 2 cores)
+#   bench/run_all.sh --quick   smoke run with small counts and short runs (2-3 min)
+# Needs: wrk (apt-get install -y wrk), PostgreSQL reachable as $BENCH_PG_URL
+# (default postgresql://postgres@127.0.0.1:5432/postgres, a role that may create databases),
+# and the dev requirements installed in the active Python (pip install -r requirements-dev.txt).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+quick=()
+case "${1:-}" in
+  --quick) quick=(--quick) ;;
+  "") ;;
+  *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
+
+command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk" >&2; exit 2; }
+python=${PYTHON:-python}
+mkdir -p bench/results
+out="bench/results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
+
+run_all() {
+  local status=0
+  echo "# taskapp benchmarks $(date -u '+%Y-%m-%d %H:%M UTC')${quick:+ (quick)}"
+  for bench in http drain pickup growth memory; do
+    echo "[run_all] bench.$bench" >&2
+    "$python" -m "bench.$bench" "${quick[@]}" || {
+      status=$?
+      echo "[run_all] bench.$bench failed ($status)" >&2
+    }
+  done
+  return "$status"
+}
+
+set +e
+run_all | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+echo "[run_all] tables saved in $out" >&2
+exit "$status"
