@@ -43,8 +43,9 @@ HTTP_LATENCY = Histogram(
 )
 
 
-def task_claimed() -> None:
-    TASKS_CLAIMED.inc()
+def tasks_claimed(count: int) -> None:
+    if count:
+        TASKS_CLAIMED.inc(count)
 
 
 def task_completed(duration: float) -> None:

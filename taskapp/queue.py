@@ -91,6 +91,30 @@ def claim(engine: Engine, *, instance_id: str, limit: int, lease_seconds: float)
             STATEMENTS["claim"],
             {"instance_id": instance_id, "limit": limit, "lease_seconds": lease_seconds},
         ).all()
+    return _claims(rows)
+
+
+def complete_and_claim(
+    engine: Engine, claimed: Claim, *, instance_id: str, limit: int, lease_seconds: float
+) -> tuple[Outcome, list[Claim]]:
+    """Complete a task and claim the next ones in one statement (the worker's busy path)."""
+    with _autocommit(engine) as conn:
+        rows = conn.execute(
+            STATEMENTS["complete_and_claim"],
+            {
+                "task_id": claimed.task.id,
+                "lease_token": claimed.lease_token,
+                "instance_id": instance_id,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+            },
+        ).all()
+    applied = bool(rows[0].completed)
+    outcome = Outcome(applied=applied, status="completed" if applied else None)
+    return outcome, _claims([row for row in rows if row.id is not None])
+
+
+def _claims(rows: list[Row]) -> list[Claim]:
     return [
         Claim(
             task=TaskSnapshot(

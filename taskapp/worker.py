@@ -159,26 +159,40 @@ class Worker:
 
     def _work_loop(self) -> None:
         backoff = _Backoff()
+        ready: list[Claim] = []  # leased to us, not started yet
         while not self._stopping.is_set():
-            generation = self._generation
-            try:
-                claims = queue.claim(
-                    self.engine,
-                    instance_id=self.instance_id,
-                    limit=1,
-                    lease_seconds=self.settings.lease_seconds,
-                )
-                backoff.reset()
-            except Exception as exc:
-                delay = backoff.next()
-                log.warning("claim failed (%s); retrying in %.1fs", _short(exc), delay)
-                self._stopping.wait(delay)
-                continue
-            if not claims:
-                self._wait_for_work(generation)
-                continue
+            if not ready:
+                generation = self._generation
+                try:
+                    ready = self._hold(
+                        queue.claim(
+                            self.engine,
+                            instance_id=self.instance_id,
+                            limit=1,
+                            lease_seconds=self.settings.lease_seconds,
+                        )
+                    )
+                    backoff.reset()
+                except Exception as exc:
+                    delay = backoff.next()
+                    log.warning("claim failed (%s); retrying in %.1fs", _short(exc), delay)
+                    self._stopping.wait(delay)
+                    continue
+                if not ready:
+                    self._wait_for_work(generation)
+                    continue
+            claimed = ready.pop(0)
+            # While busy, the completion also claims the next task: one round trip a task.
+            ready.extend(self._process(claimed, claim_next=not ready))
+        # Claims never started are still held: stop() hands them back.
+
+    def _hold(self, claims: list[Claim]) -> list[Claim]:
+        """Track new claims, so their leases are renewed and a stop hands them back."""
+        with self._lock:
             for claimed in claims:
-                self._process(claimed)
+                self._held[claimed.task.id] = claimed
+        metrics.tasks_claimed(len(claims))
+        return claims
 
     def _wait_for_work(self, generation: int) -> None:
         timeout = self.settings.poll_interval_seconds
@@ -196,12 +210,10 @@ class Worker:
                     return
                 self._wakeup.wait(remaining)
 
-    def _process(self, claimed: Claim) -> None:
+    def _process(self, claimed: Claim, *, claim_next: bool) -> list[Claim]:
+        """Run the task and record its result; return the next claims, if any were made."""
         task = claimed.task
         extra = {"instance_id": self.instance_id, "task_id": task.id}
-        with self._lock:
-            self._held[task.id] = claimed
-        metrics.task_claimed()
         # DEBUG: at thousands of tasks a second, a line per claim costs real CPU; the
         # completion line says which instance ran the task.
         log.debug("task %d claimed (attempt %d)", task.id, task.attempts, extra=extra)
@@ -216,20 +228,32 @@ class Worker:
             with self._lock:
                 if task.id in self._handed_back:
                     log.info("task %d was handed back during shutdown", task.id, extra=extra)
-                    return
-            self._finish(claimed, error, duration)
+                    return []
+            return self._finish(claimed, error, duration, claim_next=claim_next)
         finally:
             with self._lock:
                 self._held.pop(task.id, None)
 
-    def _finish(self, claimed: Claim, error: str | None, duration: float) -> None:
+    def _finish(
+        self, claimed: Claim, error: str | None, duration: float, *, claim_next: bool
+    ) -> list[Claim]:
         task = claimed.task
         extra = {"instance_id": self.instance_id, "task_id": task.id}
         backoff = _Backoff(first=0.2)
         give_up_at = time.monotonic() + max(self.settings.lease_seconds * 2, 30.0)
+        next_claims: list[Claim] = []
         while True:
             try:
-                if error is None:
+                if error is None and claim_next and not self._stopping.is_set():
+                    outcome, next_claims = queue.complete_and_claim(
+                        self.engine,
+                        claimed,
+                        instance_id=self.instance_id,
+                        limit=1,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+                    self._hold(next_claims)
+                elif error is None:
                     outcome = queue.complete(self.engine, claimed, instance_id=self.instance_id)
                 else:
                     outcome = queue.fail(
@@ -241,6 +265,16 @@ class Worker:
                     )
                 break
             except Exception as exc:
+                if not backoff.current:
+                    log.warning(
+                        "task %d: could not record its result yet (%s); retrying",
+                        task.id,
+                        _short(exc),
+                        extra=extra,
+                    )
+                # Retry without claiming: a claim made by a write whose answer was lost is
+                # taken back when its lease runs out.
+                claim_next = False
                 if time.monotonic() > give_up_at:
                     log.error(
                         "task %d: could not record its result (%s); its lease will run out "
@@ -249,7 +283,7 @@ class Worker:
                         _short(exc),
                         extra=extra,
                     )
-                    return
+                    return []
                 time.sleep(backoff.next())
         if not outcome.applied:
             log.warning(
@@ -257,7 +291,7 @@ class Worker:
                 task.id,
                 extra=extra,
             )
-            return
+            return next_claims
         if error is None:
             self.processed_count += 1
             metrics.task_completed(duration)
@@ -279,6 +313,7 @@ class Worker:
                 outcome.status,
                 extra=extra,
             )
+        return next_claims
 
     def _hand_back(self, claimed: Claim) -> None:
         extra = {"instance_id": self.instance_id, "task_id": claimed.task.id}

@@ -265,3 +265,21 @@ def test_kept_counts_match_the_table_through_every_transition(engine, db_conn):
     assert kept_counts(db_conn) == true_counts(db_conn)
     db_conn.execute("TRUNCATE tasks CASCADE")
     assert kept_counts(db_conn) == {}
+
+
+def test_complete_and_claim_finishes_one_and_leases_the_next(engine, db_conn):
+    first_id = add_task(db_conn, "first", conversations=("a",))
+    second_id = add_task(db_conn, "second")
+    first = claim_one(engine, "a")
+    outcome, claims = queue.complete_and_claim(
+        engine, first, instance_id="a", limit=1, lease_seconds=30
+    )
+    assert outcome.applied
+    assert [c.task.id for c in claims] == [second_id]
+    assert task_row(db_conn, first_id)["status"] == "completed"
+    assert task_row(db_conn, second_id)["status"] == "processing"
+    # Nothing left to claim, and a stale token: no completion, no claim, still one row back.
+    outcome, claims = queue.complete_and_claim(
+        engine, first, instance_id="a", limit=1, lease_seconds=30
+    )
+    assert (outcome.applied, claims) == (False, [])
