@@ -7,15 +7,17 @@ so whoever commits first wins and the other sees the new state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import Schema, fields
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from .errors import Conflict, NotFound, Unprocessable
 from .events import publish, wake_workers
@@ -33,22 +35,16 @@ RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
-@dataclass(frozen=True)
-class TaskSummary:
-    """A task as listed: its columns (delegated) plus how many conversations it has."""
-
-    task: Task
-    conversation_count: int
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.task, name)
+# A task as the API shows it: its columns, with its conversations and error history (detail)
+# or its conversation_count (lists).
+TaskView = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class TaskPage:
     """One page of a task listing and the number of tasks in all pages."""
 
-    items: list[TaskSummary]
+    items: list[TaskView]
     total: int
 
 
@@ -62,16 +58,64 @@ def _commit(session: Session) -> None:
         session.expire_on_commit = expire
 
 
-def _load_task(session: Session, task_id: int) -> Task:
-    task = session.scalars(
-        select(Task)
-        .where(Task.id == task_id)
-        .options(selectinload(Task.conversations), selectinload(Task.errors))
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    if task is None:
+# A task is read in one statement, its conversations and errors aggregated as JSON, and
+# serialised straight from the row: loading ORM objects with their relationships, in several
+# round trips, cost most of a request's time (bench/README.md).
+_TASK_VIEW = text("""
+SELECT t.*,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'id', c.id, 'task_id', c.task_id, 'content', c.content, 'status', c.status,
+                   'created_at', c.created_at, 'updated_at', c.updated_at) ORDER BY c.id), '[]')
+        FROM conversations AS c WHERE c.task_id = t.id) AS conversations,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'attempt', e.attempt, 'instance_id', e.instance_id, 'error', e.error,
+                   'at', e.at) ORDER BY e.id), '[]')
+        FROM task_errors AS e WHERE e.task_id = t.id) AS errors
+FROM tasks AS t
+WHERE t.id = :task_id
+""")
+_TASK_PAGE = text("""
+SELECT t.*, (SELECT count(*) FROM conversations AS c WHERE c.task_id = t.id) AS conversation_count
+FROM tasks AS t
+WHERE CAST(:status AS text) IS NULL OR t.status = :status
+ORDER BY t.id
+LIMIT :limit OFFSET :offset
+""")
+
+
+def _parse_times(item: dict[str, Any], *names: str) -> dict[str, Any]:
+    # json_build_object renders timestamptz as ISO 8601 (the connection's time zone is UTC).
+    for name in names:
+        if item.get(name) is not None:
+            item[name] = datetime.fromisoformat(item[name])
+    return item
+
+
+def _task_view(executor: Session | Connection, task_id: int) -> TaskView:
+    row = executor.execute(_TASK_VIEW, {"task_id": task_id}).mappings().first()
+    if row is None:
         raise NotFound(f"Task {task_id} does not exist.")
+    task = dict(row)
+    task["conversations"] = [
+        _parse_times(c, "created_at", "updated_at") for c in task["conversations"]
+    ]
+    task["errors"] = [_parse_times(e, "at") for e in task["errors"]]
     return task
+
+
+def _load_task(session: Session, task_id: int) -> TaskView:
+    """The task as this transaction sees it (after a write, before the commit)."""
+    return _task_view(session, task_id)
+
+
+@contextmanager
+def _reading(session: Session) -> Iterator[Connection]:
+    """A pooled connection in autocommit for reads: no BEGIN and ROLLBACK round trips.
+
+    Under READ COMMITTED a transaction gives several reads no common snapshot anyway.
+    """
+    with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
 
 
 def _load_conversation(session: Session, conversation_id: int) -> Conversation:
@@ -96,40 +140,33 @@ def _task_status(session: Session, task_id: int, *, lock: bool = False) -> str:
     return status
 
 
-def get_task(*, session: Session, task_id: int) -> Task:
+def get_task(*, session: Session, task_id: int) -> TaskView:
     """One task with its conversations and error history; NotFound if it does not exist."""
-    return _load_task(session, task_id)
+    with _reading(session) as conn:
+        return _task_view(conn, task_id)
 
 
 def list_tasks(*, session: Session, status: str | None = None, limit: int, offset: int) -> TaskPage:
-    """A page of tasks ordered by id, each with its conversation count (one grouped query)."""
-    filters = [Task.status == status] if status else []
-    total = count_tasks(session=session, status=status)
-    tasks = session.scalars(
-        select(Task).where(*filters).order_by(Task.id).limit(limit).offset(offset)
-    ).all()
-    counts: dict[int, int] = {}
-    if tasks:
-        rows = session.execute(
-            select(Conversation.task_id, func.count())
-            .where(Conversation.task_id.in_([task.id for task in tasks]))
-            .group_by(Conversation.task_id)
-        )
-        counts = {task_id: count for task_id, count in rows}
-    return TaskPage([TaskSummary(task, counts.get(task.id, 0)) for task in tasks], total)
+    """A page of tasks ordered by id, each with its conversation count."""
+    with _reading(session) as conn:
+        total = _count_tasks(conn, status)
+        page = conn.execute(
+            _TASK_PAGE, {"status": status, "limit": limit, "offset": offset}
+        ).mappings()
+        return TaskPage([dict(task) for task in page], total)
 
 
-def count_tasks(*, session: Session, status: str | None = None) -> int:
+def _count_tasks(executor: Session | Connection, status: str | None) -> int:
     """How many tasks there are (with that status), from the counts the triggers keep."""
     query = select(func.coalesce(func.sum(TaskCount.n), 0))
     if status:
         query = query.where(TaskCount.status == status)
-    return int(session.scalar(query))
+    return int(executor.execute(query).scalar_one())
 
 
 def _insert_task(
     session: Session, data: Mapping[str, Any], instance_id: str | None, default_max_attempts: int
-) -> Task:
+) -> TaskView:
     scheduled_for: datetime | None = data.get("scheduled_for")
     task = Task(
         title=data["title"],
@@ -159,7 +196,7 @@ def create_task(
     data: Mapping[str, Any],
     instance_id: str | None,
     default_max_attempts: int,
-) -> Task:
+) -> TaskView:
     """Create a pending task with its conversations; workers are woken if it is due."""
     task = _insert_task(session, data, instance_id, default_max_attempts)
     _commit(session)
@@ -204,7 +241,7 @@ def create_task_idempotently(
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.key == key)
-        .values(task_id=task.id, response=body)
+        .values(task_id=task["id"], response=body)
     )
     _commit(session)
     return body
@@ -227,7 +264,7 @@ def _in_field_order(schema: Schema, data: Mapping[str, Any]) -> dict[str, Any]:
 
 def update_task(
     *, session: Session, task_id: int, data: Mapping[str, Any], instance_id: str | None
-) -> Task:
+) -> TaskView:
     """Change only the fields given; a new scheduled_for also moves a pending task's run time."""
     if not data:
         return _load_task(session, task_id)
@@ -277,7 +314,7 @@ def _state_conflict(session: Session, task_id: int, action: str, allowed: Sequen
     raise Conflict(f"Task {task_id} is {status}; only {names} tasks can be {action}.")
 
 
-def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> Task:
+def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskView:
     """Send a failed, cancelled or completed task back to pending with fresh attempts."""
     retried = session.scalar(
         update(Task)
@@ -319,7 +356,7 @@ def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> Ta
     return task
 
 
-def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> Task:
+def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskView:
     """Cancel a pending task; one already claimed by a worker is a Conflict."""
     cancelled = session.scalar(
         update(Task)
