@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from marshmallow import Schema, fields
@@ -95,6 +95,10 @@ def _task_view(executor: Session | Connection, task_id: int) -> TaskView:
     row = executor.execute(_TASK_VIEW, {"task_id": task_id}).mappings().first()
     if row is None:
         raise NotFound(f"Task {task_id} does not exist.")
+    return _as_view(row)
+
+
+def _as_view(row: Mapping[str, Any]) -> TaskView:
     task = dict(row)
     task["conversations"] = [
         _parse_times(c, "created_at", "updated_at") for c in task["conversations"]
@@ -109,11 +113,10 @@ def _load_task(session: Session, task_id: int) -> TaskView:
 
 
 @contextmanager
-def _reading(session: Session) -> Iterator[Connection]:
-    """A pooled connection in autocommit for reads: no BEGIN and ROLLBACK round trips.
-
-    Under READ COMMITTED a transaction gives several reads no common snapshot anyway.
-    """
+def _autocommit(session: Session) -> Iterator[Connection]:
+    """A pooled connection in autocommit, for reads and single-statement writes: no BEGIN,
+    COMMIT or ROLLBACK round trips. (Under READ COMMITTED, a transaction would give several
+    reads no common snapshot anyway.)"""
     with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         yield conn
 
@@ -142,13 +145,13 @@ def _task_status(session: Session, task_id: int, *, lock: bool = False) -> str:
 
 def get_task(*, session: Session, task_id: int) -> TaskView:
     """One task with its conversations and error history; NotFound if it does not exist."""
-    with _reading(session) as conn:
+    with _autocommit(session) as conn:
         return _task_view(conn, task_id)
 
 
 def list_tasks(*, session: Session, status: str | None = None, limit: int, offset: int) -> TaskPage:
     """A page of tasks ordered by id, each with its conversation count."""
-    with _reading(session) as conn:
+    with _autocommit(session) as conn:
         total = _count_tasks(conn, status)
         page = conn.execute(
             _TASK_PAGE, {"status": status, "limit": limit, "offset": offset}
@@ -164,30 +167,51 @@ def _count_tasks(executor: Session | Connection, status: str | None) -> int:
     return int(executor.execute(query).scalar_one())
 
 
+# One statement inserts the task and its conversations, sends task.created (and the wake-up
+# when it is due) and returns the task as _TASK_VIEW shows it.
+_INSERT_TASK = text("""
+WITH t AS (
+    INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts)
+    VALUES (:title, :description, :priority, :scheduled_for,
+            coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts)
+    RETURNING *
+), c AS (
+    INSERT INTO conversations (task_id, content)
+    SELECT t.id, x.content
+    FROM t, unnest(CAST(:contents AS text[])) WITH ORDINALITY AS x(content, n)
+    ORDER BY x.n
+    RETURNING *
+)
+SELECT t.*,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'id', c.id, 'task_id', c.task_id, 'content', c.content, 'status', c.status,
+                   'created_at', c.created_at, 'updated_at', c.updated_at) ORDER BY c.id), '[]')
+        FROM c) AS conversations,
+       '[]'::json AS errors,
+       pg_notify('taskapp_events', json_build_object(
+           'type', 'task.created', 'task_id', t.id, 'status', t.status,
+           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS created_event,
+       CASE WHEN t.run_after <= now() THEN pg_notify('taskapp_wakeup', '') END AS woken
+FROM t
+""")
+
+
 def _insert_task(
-    session: Session, data: Mapping[str, Any], instance_id: str | None, default_max_attempts: int
+    executor: Session | Connection,
+    data: Mapping[str, Any],
+    instance_id: str | None,
+    default_max_attempts: int,
 ) -> TaskView:
-    scheduled_for: datetime | None = data.get("scheduled_for")
-    task = Task(
-        title=data["title"],
-        description=data.get("description"),
-        status=TaskStatus.PENDING.value,
-        priority=data.get("priority", 0),
-        scheduled_for=scheduled_for,
-        run_after=scheduled_for if scheduled_for is not None else func.now(),
-        attempts=0,
-        max_attempts=data.get("max_attempts", default_max_attempts),
-        conversations=[
-            Conversation(content=item["content"], status=ConversationStatus.ACTIVE.value)
-            for item in data.get("conversations", [])
-        ],
-    )
-    session.add(task)
-    session.flush()
-    publish(session, "task.created", task_id=task.id, status=task.status, instance_id=instance_id)
-    if scheduled_for is None or scheduled_for <= datetime.now(UTC):
-        wake_workers(session)
-    return _load_task(session, task.id)
+    params = {
+        "title": data["title"],
+        "description": data.get("description"),
+        "priority": data.get("priority", 0),
+        "scheduled_for": data.get("scheduled_for"),
+        "max_attempts": data.get("max_attempts", default_max_attempts),
+        "contents": [item["content"] for item in data.get("conversations", [])],
+        "instance_id": instance_id,
+    }
+    return _as_view(executor.execute(_INSERT_TASK, params).mappings().one())
 
 
 def create_task(
@@ -198,9 +222,8 @@ def create_task(
     default_max_attempts: int,
 ) -> TaskView:
     """Create a pending task with its conversations; workers are woken if it is due."""
-    task = _insert_task(session, data, instance_id, default_max_attempts)
-    _commit(session)
-    return task
+    with _autocommit(session) as conn:
+        return _insert_task(conn, data, instance_id, default_max_attempts)
 
 
 def create_task_idempotently(
