@@ -13,12 +13,6 @@ directly, so the pair sees the same machine. Target: 2 instances ≥ 0.6 x raw l
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import contextlib
 import os

@@ -18,12 +18,6 @@ the largest size costs at most 1.3x the smallest on every HTTP and drain figure.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import statistics
 import time

@@ -11,12 +11,6 @@ the two. Targets: GET ≥ 0.5 x hello world, POST ≥ 0.35 x.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 from dataclasses import dataclass, replace
 

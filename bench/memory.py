@@ -11,12 +11,6 @@ same run. Targets: idle < 120 MB; after the drain at most 10 % above idle.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import threading
 import time

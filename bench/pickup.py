@@ -13,12 +13,6 @@ PostgreSQL's NOTIFY round trip on this machine. Targets: p50 < 50 ms, p99 < 250 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import http.client
 import json

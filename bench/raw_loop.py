@@ -16,12 +16,6 @@ bench/drain.py and bench/pickup.py import drain() and serving() from here.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: import `bench` from the repository, not bench/ itself
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import contextlib
 import multiprocessing as mp

@@ -118,6 +118,11 @@ class Settings:
             raise ConfigError("DATABASE_URL must be a postgresql:// URL")
         return self if url == self.database_url else replace(self, database_url=url)
 
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often an instance renews its leases and beats: several times a lease."""
+        return min(self.lease_seconds / 3, 5.0)
+
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some settings changed (for tests and tools)."""
         return replace(self, **changes).validated()

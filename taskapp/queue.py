@@ -86,24 +86,33 @@ class Outcome:
 
 
 def claim(engine: Engine, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
-    with _autocommit(engine) as conn:
-        rows = conn.execute(
-            STATEMENTS["claim"],
-            {"instance_id": instance_id, "limit": limit, "lease_seconds": lease_seconds},
-        ).all()
-    return _claims(rows)
+    """Lease up to `limit` of the most urgent due pending tasks to this instance."""
+    _, claims = _complete_and_claim(engine, None, instance_id, limit, lease_seconds)
+    return claims
 
 
 def complete_and_claim(
     engine: Engine, claimed: Claim, *, instance_id: str, limit: int, lease_seconds: float
 ) -> tuple[Outcome, list[Claim]]:
     """Complete a task and claim the next ones in one statement (the worker's busy path)."""
+    return _complete_and_claim(engine, claimed, instance_id, limit, lease_seconds)
+
+
+def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
+    """Complete a task, every conversation processed, for the holder of its lease."""
+    outcome, _ = _complete_and_claim(engine, claimed, instance_id, 0, 0)
+    return outcome
+
+
+def _complete_and_claim(
+    engine: Engine, claimed: Claim | None, instance_id: str, limit: int, lease_seconds: float
+) -> tuple[Outcome, list[Claim]]:
     with _autocommit(engine) as conn:
         rows = conn.execute(
             STATEMENTS["complete_and_claim"],
             {
-                "task_id": claimed.task.id,
-                "lease_token": claimed.lease_token,
+                "task_id": claimed.task.id if claimed else None,
+                "lease_token": claimed.lease_token if claimed else None,
                 "instance_id": instance_id,
                 "limit": limit,
                 "lease_seconds": lease_seconds,
@@ -149,11 +158,6 @@ def _fenced(
                 **params,
             },
         ).first()
-
-
-def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
-    row = _fenced(engine, "complete", claimed, instance_id)
-    return Outcome(applied=row is not None, status="completed" if row else None)
 
 
 def fail(

@@ -33,6 +33,7 @@ from .schemas import TaskOut
 
 RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+_TASK_OUT = TaskOut()  # built once: schemas are reusable and costly to build
 
 
 # A task as the API shows it: its columns, with its conversations and error history (detail)
@@ -98,6 +99,14 @@ def _task_view(executor: Session | Connection, task_id: int) -> TaskView:
     return _as_view(row)
 
 
+def _view_and_commit(session: Session, task_id: int) -> TaskView:
+    """The task as the write left it, read before the commit so a concurrent delete can't
+    make a successful write look like a 404."""
+    task = _task_view(session, task_id)
+    session.commit()
+    return task
+
+
 def _as_view(row: Mapping[str, Any]) -> TaskView:
     task = dict(row)
     task["conversations"] = [
@@ -105,11 +114,6 @@ def _as_view(row: Mapping[str, Any]) -> TaskView:
     ]
     task["errors"] = [_parse_times(e, "at") for e in task["errors"]]
     return task
-
-
-def _load_task(session: Session, task_id: int) -> TaskView:
-    """The task as this transaction sees it (after a write, before the commit)."""
-    return _task_view(session, task_id)
 
 
 @contextmanager
@@ -258,15 +262,15 @@ def create_task_idempotently(
                 "This Idempotency-Key was already used with a different request body.",
                 errors={IDEMPOTENCY_HEADER: ["Already used with a different request body."]},
             )
-        return _in_field_order(TaskOut(), response)
+        return _in_field_order(_TASK_OUT, response)
     task = _insert_task(session, data, instance_id, default_max_attempts)
-    body: dict[str, Any] = TaskOut().dump(task)
+    body: dict[str, Any] = _TASK_OUT.dump(task)
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.key == key)
         .values(task_id=task["id"], response=body)
     )
-    _commit(session)
+    session.commit()
     return body
 
 
@@ -290,7 +294,7 @@ def update_task(
 ) -> TaskView:
     """Change only the fields given; a new scheduled_for also moves a pending task's run time."""
     if not data:
-        return _load_task(session, task_id)
+        return _task_view(session, task_id)
     values: dict[str, Any] = {**data, "updated_at": func.now()}
     if "scheduled_for" in data:
         scheduled_for = data["scheduled_for"]
@@ -312,9 +316,7 @@ def update_task(
     publish(session, "task.updated", task_id=task_id, status=status, instance_id=instance_id)
     if "scheduled_for" in data and status == TaskStatus.PENDING and due:
         wake_workers(session)
-    task = _load_task(session, task_id)
-    _commit(session)
-    return task
+    return _view_and_commit(session, task_id)
 
 
 def delete_task(*, session: Session, task_id: int, instance_id: str | None) -> None:
@@ -374,9 +376,7 @@ def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> Ta
         instance_id=instance_id,
     )
     wake_workers(session)
-    task = _load_task(session, task_id)
-    _commit(session)
-    return task
+    return _view_and_commit(session, task_id)
 
 
 def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskView:
@@ -397,9 +397,7 @@ def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> T
         status=TaskStatus.CANCELLED.value,
         instance_id=instance_id,
     )
-    task = _load_task(session, task_id)
-    _commit(session)
-    return task
+    return _view_and_commit(session, task_id)
 
 
 def create_conversation(

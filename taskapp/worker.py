@@ -334,7 +334,7 @@ class Worker:
 
     def _housekeeping_loop(self) -> None:
         # Several renewals fit in one lease, so one missed beat costs nothing.
-        interval = min(self.settings.lease_seconds / 3, 5.0)
+        interval = self.settings.heartbeat_seconds
         hostname, pid = socket.gethostname(), os.getpid()
         rounds = 0
         while not self._housekeeper_done.is_set():

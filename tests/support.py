@@ -150,6 +150,13 @@ def create_task(
     return response.json()
 
 
+def get_task(base_url: str, task_id: int) -> dict[str, Any]:
+    """GET /tasks/{id}; return the task."""
+    response = requests.get(f"{base_url}/tasks/{task_id}", timeout=10)
+    assert response.status_code == 200, (response.status_code, response.text)
+    return response.json()
+
+
 def task_row(conn: psycopg.Connection, task_id: int) -> dict[str, Any]:
     """The task's row as the database holds it ({} when it does not exist)."""
     cursor = conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,))

@@ -11,8 +11,7 @@ import pytest
 import requests
 import websocket
 
-from tests.support import wait_for
-from tests.test_processing import create_task
+from tests.support import create_task, wait_for
 
 
 class SseClient:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.support import wait_for
-from tests.test_processing import create_task, get_task
+from tests.support import create_task, get_task, wait_for
 
 
 def test_json_logs_carry_instance_and_task_ids(instances):

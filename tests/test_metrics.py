@@ -5,8 +5,7 @@ from __future__ import annotations
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import wait_for
-from tests.test_processing import create_task
+from tests.support import create_task, wait_for
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -8,32 +8,17 @@ import uuid
 
 import psycopg
 import pytest
-import requests
 from psycopg import sql
 
-from tests.support import Instance, wait_for
-
-
-def create_task(base_url: str, title: str, conversations: int = 2, **fields: object) -> dict:
-    body = {
-        "title": title,
-        "conversations": [{"content": f"{title} conversation {n}"} for n in range(conversations)],
-        **fields,
-    }
-    response = requests.post(f"{base_url}/tasks/", json=body, timeout=10)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def get_task(base_url: str, task_id: int) -> dict:
-    response = requests.get(f"{base_url}/tasks/{task_id}", timeout=10)
-    assert response.status_code == 200, response.text
-    return response.json()
+from tests.support import Instance, create_task, get_task, wait_for
 
 
 def test_two_instances_process_forty_tasks_exactly_once(instances, db_conn):
     first, second = instances(), instances()
-    ids = [create_task((first, second)[n % 2].url, f"task {n}")["id"] for n in range(40)]
+    ids = [
+        create_task((first, second)[n % 2].url, f"task {n}", conversations=2)["id"]
+        for n in range(40)
+    ]
 
     def all_completed() -> bool:
         (done,) = db_conn.execute(

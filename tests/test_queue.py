@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 
 from taskapp import queue
 from taskapp.config import normalize_database_url
+from tests.support import task_row
 
 
 @pytest.fixture
@@ -41,13 +42,6 @@ def add_task(
             "INSERT INTO conversations (task_id, content) VALUES (%s, %s)", (task_id, content)
         )
     return task_id
-
-
-def task_row(conn: psycopg.Connection, task_id: int) -> dict:
-    cur = conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,))
-    names = [d.name for d in cur.description]
-    row = cur.fetchone()
-    return dict(zip(names, row, strict=True)) if row else {}
 
 
 def claim_one(engine: Engine, instance: str = "a", lease: float = 30) -> queue.Claim | None:
@@ -219,9 +213,15 @@ def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
     )
     db_conn.execute("ANALYZE tasks")
     # EXPLAIN without ANALYZE plans the real claim statement without running it.
-    explain = text("EXPLAIN " + queue.STATEMENTS["claim"].text)
+    explain = text("EXPLAIN " + queue.STATEMENTS["complete_and_claim"].text)
     with engine.connect() as conn:
-        params = {"instance_id": "a", "limit": 1, "lease_seconds": 30}
+        params = {
+            "task_id": None,
+            "lease_token": None,
+            "instance_id": "a",
+            "limit": 1,
+            "lease_seconds": 30,
+        }
         plan = "\n".join(row[0] for row in conn.execute(explain, params))
     assert "ix_tasks_claim" in plan, plan
     assert "Seq Scan on tasks" not in plan, plan

@@ -36,7 +36,7 @@ def status():
     engine = db.engine
     worker = instance.worker if instance else None
     current_ids = worker.current_task_ids if worker else []
-    stale_after = STALE_AFTER_BEATS * min(settings.lease_seconds / 3, 5.0)
+    stale_after = STALE_AFTER_BEATS * settings.heartbeat_seconds
     known = queue.instances(engine)
     return jsonify(
         {

@@ -35,7 +35,7 @@ def _page_context() -> dict[str, object]:
         "asset_key": request.args.get(KEY_PARAM) if guarded else None,
         "keys_required": bool(settings.api_keys),
         # The worker beats every lease/3 seconds, at most 5 (see taskapp.worker).
-        "heartbeat_seconds": min(settings.lease_seconds / 3, 5.0),
+        "heartbeat_seconds": settings.heartbeat_seconds,
     }
 
 

@@ -2,64 +2,12 @@
 -- Each statement starts with "-- name: NAME" and a one-line purpose; taskapp/queue.py loads them.
 -- Events are sent with pg_notify inside the same statement, so they go out only on commit.
 
--- name: claim
--- Lease the most urgent due pending tasks to one instance: lock, update, return, in one statement.
-WITH next AS (
-    SELECT id
-    FROM tasks
-    WHERE status = 'pending' AND run_after <= now()
-    ORDER BY priority DESC, id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE tasks AS t
-    SET status = 'processing',
-        attempts = t.attempts + 1,
-        processing_instance_id = :instance_id,
-        lease_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => :lease_seconds),
-        updated_at = now()
-    FROM next
-    WHERE t.id = next.id
-    RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token
-)
-SELECT c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
-       (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),
-                        '[]'::json)
-        FROM conversations AS v
-        WHERE v.task_id = c.id) AS conversations,
-       pg_notify('taskapp_events', json_build_object(
-           'type', 'task.claimed', 'task_id', c.id, 'status', 'processing',
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
-FROM claimed AS c
-ORDER BY c.priority DESC, c.id;
-
--- name: complete
--- Finish a task for the holder of its lease: completed, and every conversation processed.
-WITH done AS (
-    UPDATE tasks
-    SET status = 'completed',
-        processed_at = now(),
-        updated_at = now(),
-        lease_token = NULL,
-        lease_expires_at = NULL
-    WHERE id = :task_id AND lease_token = :lease_token
-    RETURNING id
-), processed AS (
-    UPDATE conversations
-    SET status = 'processed', updated_at = now()
-    WHERE task_id IN (SELECT id FROM done) AND status <> 'processed'
-)
-SELECT id,
-       pg_notify('taskapp_events', json_build_object(
-           'type', 'task.completed', 'task_id', id, 'status', 'completed',
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified
-FROM done;
-
 -- name: complete_and_claim
--- Finish a task for the lease holder and lease the next ones, in one round trip: the worker's
--- busy path. One row per new claim; with none, a single row of NULLs. `completed` tells
--- whether the completion applied (0: lease lost or task deleted).
+-- Finish a task for the lease holder, then lease the most urgent due pending tasks (lock,
+-- update, return), in one round trip. It is also the plain claim (:task_id NULL completes
+-- nothing) and the plain completion (:limit 0 claims nothing). One row per new claim; with
+-- none, a single row of NULLs. `completed` is 1 when the completion applied (0: lease lost,
+-- task deleted, or nothing to complete).
 WITH done AS (
     UPDATE tasks
     SET status = 'completed',
