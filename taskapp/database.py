@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -66,6 +69,27 @@ def ping_idle_connections(engine: Engine) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             raise DisconnectionError() from exc  # the pool discards it and tries another
+
+
+@contextmanager
+def autocommit_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled psycopg connection in autocommit mode, for statements that need no transaction.
+
+    The hottest reads and single-statement writes use it directly: no BEGIN/COMMIT round trips
+    and none of SQLAlchemy's per-statement bookkeeping. A connection the statement found broken
+    is dropped from the pool, as SQLAlchemy does for its own.
+    """
+    pooled = engine.raw_connection()
+    connection: psycopg.Connection[Any] = pooled.driver_connection
+    try:
+        connection.autocommit = True
+        yield connection
+    finally:
+        if connection.broken or connection.closed:
+            pooled.invalidate()
+        else:
+            connection.autocommit = False
+        pooled.close()
 
 
 def init_database(app: Flask) -> None:

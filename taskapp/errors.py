@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from flask import Flask, Response, current_app, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -151,6 +152,13 @@ def _handle_dbapi(error: DBAPIError) -> Response:
     return _handle_unexpected(error)
 
 
+def _handle_driver_error(error: psycopg.Error) -> Response:
+    # Raised by statements run on a raw psycopg connection (database.autocommit_connection).
+    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+        return _database_unavailable(error)
+    return _handle_unexpected(error)
+
+
 def _handle_unexpected(error: Exception) -> Response:
     _rollback()
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
@@ -164,6 +172,8 @@ def _close_session(error: BaseException | None) -> None:
     # a finished response into the server's HTML 500.
     from .extensions import db
 
+    if not db.session.registry.has():
+        return  # the request used no session (reads run on raw autocommit connections)
     try:
         db.session.close()
     except Exception:
@@ -181,5 +191,6 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(ValidationError, _handle_validation)
     app.register_error_handler(DBAPIError, _handle_dbapi)
+    app.register_error_handler(psycopg.Error, _handle_driver_error)
     app.register_error_handler(PoolTimeoutError, _database_unavailable)
     app.register_error_handler(Exception, _handle_unexpected)

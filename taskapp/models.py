@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -197,5 +198,6 @@ class IdempotencyKey(db.Model):
     task_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("tasks.id", ondelete="SET NULL")
     )
-    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # json, not jsonb: the first response's text, replayed byte for byte (migration 0003).
+    response: Mapped[Any] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,5 +1,7 @@
-"""Reads and writes of tasks and conversations: keyword-only functions that take the session.
+"""Reads and writes of tasks and conversations: keyword-only functions that take the session
+(or, for the single-statement reads and creates, the engine).
 
+Tasks come back as the JSON text PostgreSQL renders for them (taskapp.representation).
 Each write commits its own transaction, with its events (NOTIFY) inside it. State changes that
 race with workers (retry, cancel, the run_after of an update) are single conditional UPDATEs,
 so whoever commits first wins and the other sees the new state.
@@ -7,45 +9,39 @@ so whoever commits first wins and the other sees the new state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from marshmallow import Schema, fields
-from sqlalchemy import case, delete, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import Connection
+import psycopg
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from . import representation
+from .database import autocommit_connection
 from .errors import Conflict, NotFound, Unprocessable
-from .events import publish, wake_workers
-from .models import (
-    Conversation,
-    ConversationStatus,
-    IdempotencyKey,
-    Task,
-    TaskCount,
-    TaskStatus,
-)
-from .schemas import TaskOut
+from .events import EVENTS_CHANNEL, WAKEUP_CHANNEL, publish, wake_workers
+from .models import Conversation, ConversationStatus, Task, TaskStatus
 
 RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_TASK_OUT = TaskOut()  # built once: schemas are reusable and costly to build
 
 
-# A task as the API shows it: its columns, with its conversations and error history (detail)
-# or its conversation_count (lists).
-TaskView = dict[str, Any]
+@dataclass(frozen=True)
+class TaskJSON:
+    """A task as the API shows it: its id and the JSON text PostgreSQL rendered for it
+    (taskapp.representation), which the routes send on unchanged."""
+
+    id: int
+    json: str
 
 
 @dataclass(frozen=True)
 class TaskPage:
-    """One page of a task listing and the number of tasks in all pages."""
+    """One page of a task listing, as a JSON array, and the number of tasks in all pages."""
 
-    items: list[TaskView]
+    json: str
     total: int
 
 
@@ -59,70 +55,28 @@ def _commit(session: Session) -> None:
         session.expire_on_commit = expire
 
 
-# A task is read in one statement, its conversations and errors aggregated as JSON, and
-# serialised straight from the row: loading ORM objects with their relationships, in several
-# round trips, cost most of a request's time (bench/README.md).
-_TASK_VIEW = text("""
-SELECT t.*,
-       (SELECT coalesce(json_agg(json_build_object(
-                   'id', c.id, 'task_id', c.task_id, 'content', c.content, 'status', c.status,
-                   'created_at', c.created_at, 'updated_at', c.updated_at) ORDER BY c.id), '[]')
-        FROM conversations AS c WHERE c.task_id = t.id) AS conversations,
-       (SELECT coalesce(json_agg(json_build_object(
-                   'attempt', e.attempt, 'instance_id', e.instance_id, 'error', e.error,
-                   'at', e.at) ORDER BY e.id), '[]')
-        FROM task_errors AS e WHERE e.task_id = t.id) AS errors
-FROM tasks AS t
-WHERE t.id = :task_id
-""")
-_TASK_PAGE = text("""
-SELECT t.*, (SELECT count(*) FROM conversations AS c WHERE c.task_id = t.id) AS conversation_count
-FROM tasks AS t
-WHERE CAST(:status AS text) IS NULL OR t.status = :status
-ORDER BY t.id
-LIMIT :limit OFFSET :offset
-""")
+def _driver_connection(session: Session) -> psycopg.Connection[Any]:
+    """The psycopg connection of the session's transaction, to run the JSON-rendering
+    statements (written for psycopg) inside it."""
+    return session.connection().connection.driver_connection
 
 
-def _parse_times(item: dict[str, Any], *names: str) -> dict[str, Any]:
-    # json_build_object renders timestamptz as ISO 8601 (the connection's time zone is UTC).
-    for name in names:
-        if item.get(name) is not None:
-            item[name] = datetime.fromisoformat(item[name])
-    return item
+_TASK_JSON = f"SELECT t.id, {representation.task_json()}::text FROM tasks AS t WHERE t.id = %s"
 
 
-def _task_view(executor: Session | Connection, task_id: int) -> TaskView:
-    row = executor.execute(_TASK_VIEW, {"task_id": task_id}).mappings().first()
+def _task_json(conn: psycopg.Connection[Any], task_id: int) -> TaskJSON:
+    row = conn.execute(_TASK_JSON, (task_id,)).fetchone()
     if row is None:
         raise NotFound(f"Task {task_id} does not exist.")
-    return _as_view(row)
+    return TaskJSON(*row)
 
 
-def _view_and_commit(session: Session, task_id: int) -> TaskView:
+def _json_and_commit(session: Session, task_id: int) -> TaskJSON:
     """The task as the write left it, read before the commit so a concurrent delete can't
     make a successful write look like a 404."""
-    task = _task_view(session, task_id)
+    task = _task_json(_driver_connection(session), task_id)
     session.commit()
     return task
-
-
-def _as_view(row: Mapping[str, Any]) -> TaskView:
-    task = dict(row)
-    task["conversations"] = [
-        _parse_times(c, "created_at", "updated_at") for c in task["conversations"]
-    ]
-    task["errors"] = [_parse_times(e, "at") for e in task["errors"]]
-    return task
-
-
-@contextmanager
-def _autocommit(session: Session) -> Iterator[Connection]:
-    """A pooled connection in autocommit, for reads and single-statement writes: no BEGIN,
-    COMMIT or ROLLBACK round trips. (Under READ COMMITTED, a transaction would give several
-    reads no common snapshot anyway.)"""
-    with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        yield conn
 
 
 def _load_conversation(session: Session, conversation_id: int) -> Conversation:
@@ -147,65 +101,69 @@ def _task_status(session: Session, task_id: int, *, lock: bool = False) -> str:
     return status
 
 
-def get_task(*, session: Session, task_id: int) -> TaskView:
+# Reads and creates are single statements on an autocommitted connection: no BEGIN/COMMIT
+# round trips (under READ COMMITTED a transaction would give two reads no common snapshot
+# anyway), and the row goes straight to JSON inside PostgreSQL (bench/README.md).
+
+
+def get_task(*, engine: Engine, task_id: int) -> TaskJSON:
     """One task with its conversations and error history; NotFound if it does not exist."""
-    with _autocommit(session) as conn:
-        return _task_view(conn, task_id)
+    with autocommit_connection(engine) as conn:
+        return _task_json(conn, task_id)
 
 
-def list_tasks(*, session: Session, status: str | None = None, limit: int, offset: int) -> TaskPage:
+# The total comes from the counts the triggers keep (migration 0002): the same cost at any size.
+_TASK_PAGE = f"""
+SELECT (SELECT coalesce(sum(n), 0) FROM task_counts
+        WHERE CAST(%(status)s AS text) IS NULL OR status = %(status)s),
+       (SELECT coalesce(json_agg(item ORDER BY id), '[]')::text
+        FROM (SELECT t.id, {representation.task_list_item_json()} AS item
+              FROM tasks AS t
+              WHERE CAST(%(status)s AS text) IS NULL OR t.status = %(status)s
+              ORDER BY t.id
+              LIMIT %(limit)s OFFSET %(offset)s) AS page)
+"""
+
+
+def list_tasks(*, engine: Engine, status: str | None = None, limit: int, offset: int) -> TaskPage:
     """A page of tasks ordered by id, each with its conversation count."""
-    with _autocommit(session) as conn:
-        total = _count_tasks(conn, status)
-        page = conn.execute(
-            _TASK_PAGE, {"status": status, "limit": limit, "offset": offset}
-        ).mappings()
-        return TaskPage([dict(task) for task in page], total)
-
-
-def _count_tasks(executor: Session | Connection, status: str | None) -> int:
-    """How many tasks there are (with that status), from the counts the triggers keep."""
-    query = select(func.coalesce(func.sum(TaskCount.n), 0))
-    if status:
-        query = query.where(TaskCount.status == status)
-    return int(executor.execute(query).scalar_one())
+    params = {"status": status, "limit": limit, "offset": offset}
+    with autocommit_connection(engine) as conn:
+        total, page = conn.execute(_TASK_PAGE, params).fetchone()
+    return TaskPage(page, int(total))
 
 
 # One statement inserts the task and its conversations, sends task.created (and the wake-up
-# when it is due) and returns the task as _TASK_VIEW shows it.
-_INSERT_TASK = text("""
+# when it is due) and returns the task's JSON.
+_INSERT_TASK = f"""
 WITH t AS (
     INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts)
-    VALUES (:title, :description, :priority, :scheduled_for,
-            coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts)
+    VALUES (%(title)s, %(description)s, %(priority)s, %(scheduled_for)s,
+            coalesce(CAST(%(scheduled_for)s AS timestamptz), now()), %(max_attempts)s)
     RETURNING *
 ), c AS (
     INSERT INTO conversations (task_id, content)
     SELECT t.id, x.content
-    FROM t, unnest(CAST(:contents AS text[])) WITH ORDINALITY AS x(content, n)
+    FROM t, unnest(CAST(%(contents)s AS text[])) WITH ORDINALITY AS x(content, n)
     ORDER BY x.n
     RETURNING *
 )
-SELECT t.*,
-       (SELECT coalesce(json_agg(json_build_object(
-                   'id', c.id, 'task_id', c.task_id, 'content', c.content, 'status', c.status,
-                   'created_at', c.created_at, 'updated_at', c.updated_at) ORDER BY c.id), '[]')
-        FROM c) AS conversations,
-       '[]'::json AS errors,
-       pg_notify('taskapp_events', json_build_object(
+SELECT t.id,
+       {representation.task_json(conversations="c")}::text,
+       pg_notify('{EVENTS_CHANNEL}', json_build_object(
            'type', 'task.created', 'task_id', t.id, 'status', t.status,
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS created_event,
-       CASE WHEN t.run_after <= now() THEN pg_notify('taskapp_wakeup', '') END AS woken
+           'instance_id', CAST(%(instance_id)s AS text), 'at', now())::text),
+       CASE WHEN t.run_after <= now() THEN pg_notify('{WAKEUP_CHANNEL}', '') END
 FROM t
-""")
+"""
 
 
 def _insert_task(
-    executor: Session | Connection,
+    conn: psycopg.Connection[Any],
     data: Mapping[str, Any],
     instance_id: str | None,
     default_max_attempts: int,
-) -> TaskView:
+) -> TaskJSON:
     params = {
         "title": data["title"],
         "description": data.get("description"),
@@ -215,86 +173,68 @@ def _insert_task(
         "contents": [item["content"] for item in data.get("conversations", [])],
         "instance_id": instance_id,
     }
-    return _as_view(executor.execute(_INSERT_TASK, params).mappings().one())
+    task_id, task, _created, _woken = conn.execute(_INSERT_TASK, params).fetchone()
+    return TaskJSON(task_id, task)
 
 
 def create_task(
     *,
-    session: Session,
+    engine: Engine,
     data: Mapping[str, Any],
     instance_id: str | None,
     default_max_attempts: int,
-) -> TaskView:
+) -> TaskJSON:
     """Create a pending task with its conversations; workers are woken if it is due."""
-    with _autocommit(session) as conn:
+    with autocommit_connection(engine) as conn:
         return _insert_task(conn, data, instance_id, default_max_attempts)
 
 
 def create_task_idempotently(
     *,
-    session: Session,
+    engine: Engine,
     data: Mapping[str, Any],
     key: str,
     fingerprint: str,
     instance_id: str | None,
     default_max_attempts: int,
-) -> dict[str, Any]:
-    """Create a task once per key and return its serialised first response; a repeat replays it.
+) -> TaskJSON:
+    """Create a task once per key and return its first response; a repeat replays it.
 
     The key's row is inserted first, in the task's transaction: a concurrent request with the
     same key waits on it, then finds it committed and replays it, so one key makes one task.
     """
-    claimed = session.execute(
-        insert(IdempotencyKey)
-        .values(key=key, fingerprint=fingerprint, response={})
-        .on_conflict_do_nothing(index_elements=[IdempotencyKey.key])
-        .returning(IdempotencyKey.key)
-    ).first()
-    if claimed is None:
-        stored_fingerprint, response = session.execute(
-            select(IdempotencyKey.fingerprint, IdempotencyKey.response).where(
-                IdempotencyKey.key == key
-            )
-        ).one()
-        session.rollback()
-        if stored_fingerprint != fingerprint:
-            raise Unprocessable(
-                "This Idempotency-Key was already used with a different request body.",
-                errors={IDEMPOTENCY_HEADER: ["Already used with a different request body."]},
-            )
-        return _in_field_order(_TASK_OUT, response)
-    task = _insert_task(session, data, instance_id, default_max_attempts)
-    body: dict[str, Any] = _TASK_OUT.dump(task)
-    session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.key == key)
-        .values(task_id=task["id"], response=body)
-    )
-    session.commit()
-    return body
-
-
-def _in_field_order(schema: Schema, data: Mapping[str, Any]) -> dict[str, Any]:
-    # JSONB does not keep key order; give a replay the byte-for-byte order of the first response.
-    ordered: dict[str, Any] = {}
-    for name, field in schema.dump_fields.items():
-        if name not in data:
-            continue
-        value = data[name]
-        inner = field.inner if isinstance(field, fields.List) else None
-        if isinstance(inner, fields.Nested) and isinstance(value, list):
-            nested = inner.schema
-            value = [_in_field_order(nested, item) for item in value]
-        ordered[name] = value
-    return ordered
+    with autocommit_connection(engine) as conn, conn.transaction():
+        claimed = conn.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, response) VALUES (%s, %s, 'null')"
+            " ON CONFLICT (key) DO NOTHING RETURNING key",
+            (key, fingerprint),
+        ).fetchone()
+        if claimed is None:
+            stored_fingerprint, task_id, response = conn.execute(
+                "SELECT fingerprint, CAST(response ->> 'id' AS bigint), response::text"
+                " FROM idempotency_keys WHERE key = %s",
+                (key,),
+            ).fetchone()
+            if stored_fingerprint != fingerprint:
+                raise Unprocessable(
+                    "This Idempotency-Key was already used with a different request body.",
+                    errors={IDEMPOTENCY_HEADER: ["Already used with a different request body."]},
+                )
+            return TaskJSON(task_id, response)
+        task = _insert_task(conn, data, instance_id, default_max_attempts)
+        conn.execute(
+            "UPDATE idempotency_keys SET task_id = %s, response = CAST(%s AS json) WHERE key = %s",
+            (task.id, task.json, key),
+        )
+        return task
 
 
 def update_task(
     *, session: Session, task_id: int, data: Mapping[str, Any], instance_id: str | None
-) -> TaskView:
+) -> TaskJSON:
     """Change only the fields given; a new scheduled_for also moves a pending task's run time."""
     if not data:
-        return _task_view(session, task_id)
+        return _task_json(_driver_connection(session), task_id)
     values: dict[str, Any] = {**data, "updated_at": func.now()}
     if "scheduled_for" in data:
         scheduled_for = data["scheduled_for"]
@@ -316,7 +256,7 @@ def update_task(
     publish(session, "task.updated", task_id=task_id, status=status, instance_id=instance_id)
     if "scheduled_for" in data and status == TaskStatus.PENDING and due:
         wake_workers(session)
-    return _view_and_commit(session, task_id)
+    return _json_and_commit(session, task_id)
 
 
 def delete_task(*, session: Session, task_id: int, instance_id: str | None) -> None:
@@ -339,7 +279,7 @@ def _state_conflict(session: Session, task_id: int, action: str, allowed: Sequen
     raise Conflict(f"Task {task_id} is {status}; only {names} tasks can be {action}.")
 
 
-def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskView:
+def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskJSON:
     """Send a failed, cancelled or completed task back to pending with fresh attempts."""
     retried = session.scalar(
         update(Task)
@@ -376,10 +316,10 @@ def retry_task(*, session: Session, task_id: int, instance_id: str | None) -> Ta
         instance_id=instance_id,
     )
     wake_workers(session)
-    return _view_and_commit(session, task_id)
+    return _json_and_commit(session, task_id)
 
 
-def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskView:
+def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> TaskJSON:
     """Cancel a pending task; one already claimed by a worker is a Conflict."""
     cancelled = session.scalar(
         update(Task)
@@ -397,7 +337,7 @@ def cancel_task(*, session: Session, task_id: int, instance_id: str | None) -> T
         status=TaskStatus.CANCELLED.value,
         instance_id=instance_id,
     )
-    return _view_and_commit(session, task_id)
+    return _json_and_commit(session, task_id)
 
 
 def create_conversation(
