@@ -1,6 +1,6 @@
 """HTTP throughput of one taskapp instance vs. Flask hello-world under the same gunicorn settings.
 
-    python -m bench.http [--quick] [--seconds 5] [--connections 16]
+    python -m bench.http [--quick] [--seconds 5] [--connections 16] [--only POST]
 
 Endpoints: GET /tasks/{id} (random among the loaded tasks, each with 2 conversations),
 GET /tasks/?limit=100, POST /tasks/ (2 conversations), PUT /tasks/{id}. The instance runs with
@@ -88,23 +88,29 @@ def measure(
 
 
 def taskapp_suite(
-    server: Server, load: Load, ids: tuple[int, int], put_ids: tuple[int, int] | None = None
+    server: Server,
+    load: Load,
+    ids: tuple[int, int],
+    put_ids: tuple[int, int] | None = None,
+    only: str | None = None,
 ) -> list[HttpResult]:
     """The four endpoints of the issue: GET reads random tasks in ids, PUT updates random tasks
-    in put_ids (default: ids), POST creates tasks with 2 conversations."""
-    return [
-        measure(server, "GET /tasks/{id}", "/tasks/__ID__", load, random_ids=ids),
-        measure(server, "GET /tasks/?limit=100", "/tasks/?limit=100", load),
-        measure(server, "POST /tasks/", "/tasks/", load, method="POST", body=POST_BODY),
-        measure(
-            server,
+    in put_ids (default: ids), POST creates tasks with 2 conversations. `only`: just the
+    endpoints whose name contains it (e.g. "POST")."""
+    runs = [
+        ("GET /tasks/{id}", "/tasks/__ID__", {"random_ids": ids}),
+        ("GET /tasks/?limit=100", "/tasks/?limit=100", {}),
+        ("POST /tasks/", "/tasks/", {"method": "POST", "body": POST_BODY}),
+        (
             "PUT /tasks/{id}",
             "/tasks/__ID__",
-            load,
-            method="PUT",
-            body=PUT_BODY,
-            random_ids=put_ids or ids,
+            {"method": "PUT", "body": PUT_BODY, "random_ids": put_ids or ids},
         ),
+    ]
+    return [
+        measure(server, name, path, load, **options)
+        for name, path, options in runs
+        if only is None or only in name
     ]
 
 
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         with taskapp_server(url, WORKER_ENABLED=0) as app:
             app.start()
             ids = insert_tasks(url, TASKS_LOADED, wake=False)
-            results = taskapp_suite(app, load, (ids.first, ids.last))
+            results = taskapp_suite(app, load, (ids.first, ids.last), only=args.only)
         after = measure(hello, "hello world (after)", "/", load)
     baseline, rows = hello_rows(before, after)
     rows += result_rows(results, baseline)
@@ -193,4 +199,5 @@ if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=300)
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
     p.add_argument("--connections", type=int, default=16, help="concurrent connections (wrk -c)")
+    p.add_argument("--only", help='just the endpoints whose name contains this, e.g. "POST"')
     main(run, p.parse_args())

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -100,15 +100,30 @@ def init_app(app: Flask) -> None:
     app.after_request(_observe)
 
 
+_STARTED = "taskapp.metrics.started"
+# The labelled children, looked up once per (method, endpoint, status) rather than per request.
+_request_counters: dict[tuple[str, str, int], Counter] = {}
+_latency_histograms: dict[tuple[str, str], Histogram] = {}
+
+
 def _start_timer() -> None:
-    g.metrics_started = time.perf_counter()
+    request.environ[_STARTED] = time.perf_counter()
 
 
 def _observe(response: Response) -> Response:
-    started: float | None = g.pop("metrics_started", None)
+    started: float | None = request.environ.get(_STARTED)
     # The URL rule, not the path, keeps the label set small (/tasks/<id>, not every id).
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    method, status = request.method, response.status_code
+    counter = _request_counters.get((method, endpoint, status))
+    if counter is None:
+        counter = HTTP_REQUESTS.labels(method, endpoint, str(status))
+        _request_counters[(method, endpoint, status)] = counter
+    counter.inc()
     if started is not None:
-        HTTP_LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - started)
+        histogram = _latency_histograms.get((method, endpoint))
+        if histogram is None:
+            histogram = HTTP_LATENCY.labels(method, endpoint)
+            _latency_histograms[(method, endpoint)] = histogram
+        histogram.observe(time.perf_counter() - started)
     return response
