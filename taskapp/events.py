@@ -38,6 +38,17 @@ EVENT_TYPES = (
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
+def publish_sql(event_type: str, row: str) -> str:
+    """SQL that publishes an event about the task row `row` from inside a statement, like
+    publish() does from Python; the statement passes the instance id as %(instance_id)s."""
+    assert event_type in EVENT_TYPES, event_type
+    return (
+        f"pg_notify('{EVENTS_CHANNEL}', json_build_object("
+        f"'type', '{event_type}', 'task_id', {row}.id, 'status', {row}.status,"
+        " 'instance_id', CAST(%(instance_id)s AS text), 'at', now())::text)"
+    )
+
+
 def event_payload(
     event_type: str,
     *,

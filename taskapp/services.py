@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import representation
 from .database import autocommit_connection
 from .errors import Conflict, NotFound, Unprocessable
-from .events import EVENTS_CHANNEL, WAKEUP_CHANNEL, publish, wake_workers
+from .events import WAKEUP_CHANNEL, publish, publish_sql, wake_workers
 from .models import Conversation, ConversationStatus, Task, TaskStatus
+from .schemas import TaskUpdate
 
 RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -150,9 +151,7 @@ WITH t AS (
 )
 SELECT t.id,
        {representation.task_json(conversations="c")}::text,
-       pg_notify('{EVENTS_CHANNEL}', json_build_object(
-           'type', 'task.created', 'task_id', t.id, 'status', t.status,
-           'instance_id', CAST(%(instance_id)s AS text), 'at', now())::text),
+       {publish_sql("task.created", "t")},
        CASE WHEN t.run_after <= now() THEN pg_notify('{WAKEUP_CHANNEL}', '') END
 FROM t
 """
@@ -229,34 +228,47 @@ def create_task_idempotently(
         return task
 
 
-def update_task(
-    *, session: Session, task_id: int, data: Mapping[str, Any], instance_id: str | None
-) -> TaskJSON:
-    """Change only the fields given; a new scheduled_for also moves a pending task's run time."""
-    if not data:
-        return _task_json(_driver_connection(session), task_id)
-    values: dict[str, Any] = {**data, "updated_at": func.now()}
-    if "scheduled_for" in data:
-        scheduled_for = data["scheduled_for"]
-        run_after = scheduled_for if scheduled_for is not None else func.now()
+# The fields a PUT may change, each a column of the same name (only these names reach the SQL).
+_UPDATABLE = tuple(TaskUpdate().fields)
+
+
+def _update_statement(fields: Sequence[str]) -> str:
+    assignments = [f"{name} = %({name})s" for name in fields]
+    if "scheduled_for" in fields:
         # Only a pending task waits on run_after; for the others it belongs to the worker.
-        values["run_after"] = case(
-            (Task.status == TaskStatus.PENDING.value, run_after), else_=Task.run_after
+        assignments.append(
+            "run_after = CASE WHEN status = 'pending'"
+            " THEN coalesce(CAST(%(scheduled_for)s AS timestamptz), now()) ELSE run_after END"
         )
-    row = session.execute(
-        update(Task)
-        .where(Task.id == task_id)
-        .values(values)
-        .returning(Task.status, Task.run_after <= func.now())
-        .execution_options(synchronize_session=False)
-    ).first()
+    wake = "u.status = 'pending' AND u.run_after <= now()" if "scheduled_for" in fields else "false"
+    return f"""
+WITH u AS (
+    UPDATE tasks SET {", ".join(assignments)}, updated_at = now()
+    WHERE id = %(task_id)s
+    RETURNING *
+)
+SELECT u.id, {representation.task_json("u")}::text,
+       {publish_sql("task.updated", "u")},
+       CASE WHEN {wake} THEN pg_notify('{WAKEUP_CHANNEL}', '') END
+FROM u
+"""
+
+
+def update_task(
+    *, engine: Engine, task_id: int, data: Mapping[str, Any], instance_id: str | None
+) -> TaskJSON:
+    """Change only the fields given; a new scheduled_for also moves a pending task's run time
+    (and wakes the workers if that makes it due). One statement: the change, its event and the
+    task as it now is."""
+    fields = [name for name in _UPDATABLE if name in data]
+    with autocommit_connection(engine) as conn:
+        if not fields:
+            return _task_json(conn, task_id)
+        params = {**data, "task_id": task_id, "instance_id": instance_id}
+        row = conn.execute(_update_statement(fields), params).fetchone()
     if row is None:
         raise NotFound(f"Task {task_id} does not exist.")
-    status, due = row
-    publish(session, "task.updated", task_id=task_id, status=status, instance_id=instance_id)
-    if "scheduled_for" in data and status == TaskStatus.PENDING and due:
-        wake_workers(session)
-    return _json_and_commit(session, task_id)
+    return TaskJSON(row[0], row[1])
 
 
 def delete_task(*, session: Session, task_id: int, instance_id: str | None) -> None:

@@ -97,7 +97,10 @@ def get_task(task_id: int) -> ResponseReturnValue:
 @bp.put("/<id:task_id>")
 def update_task(task_id: int) -> ResponseReturnValue:
     data = _TASK_UPDATE.load(json_object())
-    return _json(services.update_task(**_writer(), task_id=task_id, data=data))
+    task = services.update_task(
+        engine=db.engine, task_id=task_id, data=data, instance_id=settings().instance_id
+    )
+    return _json(task)
 
 
 @bp.delete("/<id:task_id>")
