@@ -1,17 +1,20 @@
 """HTTP throughput of one taskapp instance vs. Flask hello-world under the same gunicorn settings.
 
-    python -m bench.http [--quick] [--seconds 5] [--connections 16] [--only POST]
+    python -m bench.http [--quick] [--seconds 5] [--rounds 3] [--connections 16] [--only POST]
 
 Endpoints: GET /tasks/{id} (random among the loaded tasks, each with 2 conversations),
 GET /tasks/?limit=100, POST /tasks/ (2 conversations), PUT /tasks/{id}. The instance runs with
-WORKER_ENABLED=0 so no background worker competes for the CPU. The baseline is measured before
-and after the taskapp runs and averaged, so drift on a shared machine shows up as a gap between
-the two. Targets: GET ≥ 0.5 x hello world, POST ≥ 0.35 x.
+WORKER_ENABLED=0 so no background worker competes for the CPU. Both servers stay up for the
+whole run, which goes in rounds: hello world, then each endpoint; one last hello world closes
+the last round. Each endpoint's ratio in a round is to the mean of the hello-world runs that
+bracket it, so drift on a shared machine over the minutes of a run cancels out; the figure is
+the median over the rounds. Targets: GET ≥ 0.5 x hello world, POST ≥ 0.35 x.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import dataclass, replace
 
 from bench.common import (
@@ -114,83 +117,99 @@ def taskapp_suite(
     ]
 
 
-def result_rows(results: list[HttpResult], hello: HttpResult) -> list[list[object]]:
-    """Ratios to hello world: by req/s (the target), and by server CPU per request."""
-    rows: list[list[object]] = []
-    for r in results:
-        ratio = r.rps / hello.rps
-        target = TARGETS.get(r.name)
-        rows.append(
-            [
-                r.name,
-                r.rps,
-                r.p50_ms,
-                r.p99_ms,
-                r.cpu_ms,
-                f"{r.errors}/{r.requests}",
-                f"{ratio:.2f}x",
-                f"{hello.cpu_ms / r.cpu_ms:.2f}x",
-                verdict(ratio, target, at_least=True) if target else "",
-            ]
-        )
-    return rows
+def mean_result(name: str, results: list[HttpResult]) -> HttpResult:
+    """The mean of several runs of one endpoint (errors and requests summed)."""
+    n = len(results)
+    return replace(
+        results[0],
+        name=name,
+        rps=sum(r.rps for r in results) / n,
+        p50_ms=sum(r.p50_ms for r in results) / n,
+        p99_ms=sum(r.p99_ms for r in results) / n,
+        cpu_ms=sum(r.cpu_ms for r in results) / n,
+        requests=sum(r.requests for r in results),
+        errors=sum(r.errors for r in results),
+    )
 
 
-HEADERS = [
+ROUND_HEADERS = [
     "endpoint",
-    "req/s",
+    "req/s (median)",
     "p50 ms",
     "p99 ms",
     "CPU ms/req",
     "errors",
-    "x hello (req/s)",
-    "x hello (CPU/req)",
-    "target (req/s)",
+    "x hello per round",
+    "x hello (median)",
+    "x hello CPU/req (median)",
+    "target (median req/s ratio)",
 ]
 
 
-def hello_rows(before: HttpResult, after: HttpResult) -> tuple[HttpResult, list[list[object]]]:
-    """The baseline: the mean of the runs before and after taskapp's."""
-    mean = replace(
-        before,
-        name="hello world (mean: the baseline)",
-        rps=(before.rps + after.rps) / 2,
-        p50_ms=(before.p50_ms + after.p50_ms) / 2,
-        p99_ms=(before.p99_ms + after.p99_ms) / 2,
-        cpu_ms=(before.cpu_ms + after.cpu_ms) / 2,
-        requests=before.requests + after.requests,
-        errors=before.errors + after.errors,
-    )
-    rows: list[list[object]] = [
-        [h.name, h.rps, h.p50_ms, h.p99_ms, h.cpu_ms, f"{h.errors}/{h.requests}", "", "", ""]
-        for h in (before, after, mean)
-    ]
-    return mean, rows
+def round_rows(
+    hellos: list[HttpResult], rounds: list[list[HttpResult]]
+) -> tuple[list[list[object]], dict[str, float]]:
+    """Each endpoint against the hello-world runs just before and after it (its round), so
+    that drift over the minutes a run takes cancels out; the median over rounds is the figure."""
+    rows: list[list[object]] = []
+    medians: dict[str, float] = {}
+    for hello in hellos:
+        rows.append(
+            [hello.name, hello.rps, hello.p50_ms, hello.p99_ms, hello.cpu_ms,
+             f"{hello.errors}/{hello.requests}", "", "", "", ""]
+        )  # fmt: skip
+    for column in zip(*rounds, strict=True):
+        name = column[0].name
+        ratios, cpu_ratios = [], []
+        for n, result in enumerate(column):
+            baseline = mean_result("hello", [hellos[n], hellos[n + 1]])
+            ratios.append(result.rps / baseline.rps)
+            cpu_ratios.append(baseline.cpu_ms / result.cpu_ms)
+        medians[name] = statistics.median(ratios)
+        target = TARGETS.get(name)
+        rows.append(
+            [
+                name,
+                statistics.median(r.rps for r in column),
+                statistics.median(r.p50_ms for r in column),
+                statistics.median(r.p99_ms for r in column),
+                statistics.median(r.cpu_ms for r in column),
+                f"{sum(r.errors for r in column)}/{sum(r.requests for r in column)}",
+                " ".join(f"{ratio:.2f}" for ratio in ratios),
+                f"{medians[name]:.2f}x",
+                f"{statistics.median(cpu_ratios):.2f}x",
+                verdict(medians[name], target, at_least=True) if target else "",
+            ]
+        )
+    return rows, medians
 
 
 def run(args: argparse.Namespace) -> int:
     seconds = 2.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
     load = Load(seconds=seconds, connections=args.connections, warmup=1.0)
     stamp = machine_line()
+    hellos: list[HttpResult] = []
+    results: list[list[HttpResult]] = []
     with hello_server() as hello, bench_database("http") as url:
         hello.start()
-        before = measure(hello, "hello world (before)", "/", load)
         with taskapp_server(url, WORKER_ENABLED=0) as app:
             app.start()
             ids = insert_tasks(url, TASKS_LOADED, wake=False)
-            results = taskapp_suite(app, load, (ids.first, ids.last), only=args.only)
-        after = measure(hello, "hello world (after)", "/", load)
-    baseline, rows = hello_rows(before, after)
-    rows += result_rows(results, baseline)
+            for n in range(rounds):
+                hellos.append(measure(hello, f"hello world (round {n + 1})", "/", load))
+                results.append(taskapp_suite(app, load, (ids.first, ids.last), only=args.only))
+            hellos.append(measure(hello, "hello world (after)", "/", load))
+    rows, _ = round_rows(hellos, results)
     print_table(
         f"HTTP, one instance vs. hello world ({load.connections} connections, "
-        f"{seconds:g} s each) — {stamp}",
-        HEADERS,
+        f"{seconds:g} s each, {rounds} round(s)) — {stamp}",
+        ROUND_HEADERS,
         rows,
     )
-    failed = [r.name for r in [*results, before, after] if r.error_rate > 0.01]
+    failed = [r.name for r in [*hellos, *(r for rs in results for r in rs)] if r.error_rate > 0.01]
     if failed:
-        log(f"more than 1 % errors on: {', '.join(failed)}")
+        log(f"more than 1 % errors on: {', '.join(sorted(set(failed)))}")
         return 1
     return 0
 
@@ -199,5 +218,8 @@ if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=300)
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
     p.add_argument("--connections", type=int, default=16, help="concurrent connections (wrk -c)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds of hello world then every endpoint"
+    )
     p.add_argument("--only", help='just the endpoints whose name contains this, e.g. "POST"')
     main(run, p.parse_args())
