@@ -6,6 +6,7 @@
 # Needs: wrk (apt-get install -y wrk), PostgreSQL reachable as $BENCH_PG_URL
 # (default postgresql://postgres@127.0.0.1:5432/postgres, a role that may create databases),
 # and the dev requirements installed in the active Python (pip install -r requirements-dev.txt).
+# BENCH_RESULTS_DIR: where the tables are saved (default bench/results).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,8 +19,9 @@ esac
 
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk" >&2; exit 2; }
 python=${PYTHON:-python}
-mkdir -p bench/results
-out="bench/results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
+results=${BENCH_RESULTS_DIR:-bench/results}
+mkdir -p "$results"
+out="$results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
 
 run_all() {
   local status=0
