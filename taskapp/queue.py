@@ -1,9 +1,9 @@
 """The queue's verbs: claim, complete, fail, release, renew, rescue, heartbeat.
 
-Each verb runs one named statement from sql/queue.sql as one autocommitted statement, through
-SQLAlchemy Core on the shared engine (no ORM unit of work on the hot path). Completion,
-failure and release are fenced by the claim's lease token: a worker that lost its lease
-changes nothing.
+Each verb runs one named statement from sql/queue.sql, autocommitted on its own, straight on a
+pooled psycopg connection: no ORM unit of work and none of SQLAlchemy's per-statement
+bookkeeping on the worker's hot path. Completion, failure and release are fenced by the
+claim's lease token: a worker that lost its lease changes nothing.
 """
 
 from __future__ import annotations
@@ -11,43 +11,44 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import TextClause, text
-from sqlalchemy.engine import Connection, Engine, Row
+from psycopg.rows import RowFactory, dict_row, namedtuple_row
+from sqlalchemy.engine import Engine
 
+from .database import autocommit_connection
 from .models import ERROR_HISTORY_LIMIT
 
 _SQL_FILE = Path(__file__).with_name("sql") / "queue.sql"
 
 
-@contextmanager
-def _autocommit(engine: Engine) -> Iterator[Connection]:
-    """A pooled connection in autocommit mode.
-
-    Every verb is a single statement, atomic on its own, so an explicit transaction would
-    only add BEGIN and COMMIT round trips, and a window in which a vanished client could
-    leave rows locked.
-    """
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        yield conn
-
-
-def _load_statements(path: Path) -> dict[str, TextClause]:
-    """Split the file on '-- name: X' markers into named statements."""
-    statements: dict[str, TextClause] = {}
+def _load_statements(path: Path) -> dict[str, str]:
+    """Split the file on '-- name: X' markers into named statements, their `:name`
+    parameters written as psycopg's `%(name)s` (`::type` casts are left alone)."""
+    statements: dict[str, str] = {}
     for chunk in re.split(r"^-- name: ", path.read_text(), flags=re.MULTILINE)[1:]:
         name, _, body = chunk.partition("\n")
-        statements[name.strip()] = text(body.strip().rstrip(";"))
+        body = body.strip().rstrip(";").replace("%", "%%")
+        statements[name.strip()] = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", body)
     return statements
 
 
 STATEMENTS = _load_statements(_SQL_FILE)
+
+
+def _run(
+    engine: Engine,
+    name: str,
+    params: dict[str, Any] | None = None,
+    row_factory: RowFactory[Any] = namedtuple_row,
+) -> list[Any]:
+    """Run one named statement, autocommitted, and return its rows (none for a plain write)."""
+    with autocommit_connection(engine) as conn, conn.cursor(row_factory=row_factory) as cursor:
+        cursor.execute(STATEMENTS[name], params)
+        return cursor.fetchall() if cursor.description else []
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,23 @@ def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
 def _complete_and_claim(
     engine: Engine, claimed: Claim | None, instance_id: str, limit: int, lease_seconds: float
 ) -> tuple[Outcome, list[Claim]]:
-    with _autocommit(engine) as conn:
-        rows = conn.execute(
-            STATEMENTS["complete_and_claim"],
-            {
-                "task_id": claimed.task.id if claimed else None,
-                "lease_token": claimed.lease_token if claimed else None,
-                "instance_id": instance_id,
-                "limit": limit,
-                "lease_seconds": lease_seconds,
-            },
-        ).all()
+    rows = _run(
+        engine,
+        "complete_and_claim",
+        {
+            "task_id": claimed.task.id if claimed else None,
+            "lease_token": claimed.lease_token if claimed else None,
+            "instance_id": instance_id,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+        },
+    )
     applied = bool(rows[0].completed)
     outcome = Outcome(applied=applied, status="completed" if applied else None)
     return outcome, _claims([row for row in rows if row.id is not None])
 
 
-def _claims(rows: list[Row]) -> list[Claim]:
+def _claims(rows: list[Any]) -> list[Claim]:
     return [
         Claim(
             task=TaskSnapshot(
@@ -146,18 +147,19 @@ def _claims(rows: list[Row]) -> list[Claim]:
 
 def _fenced(
     engine: Engine, statement: str, claimed: Claim, instance_id: str, **params: object
-) -> Row | None:
+) -> Any | None:
     """Run a write about a claimed task; it matches no row once the lease is lost."""
-    with _autocommit(engine) as conn:
-        return conn.execute(
-            STATEMENTS[statement],
-            {
-                "task_id": claimed.task.id,
-                "lease_token": claimed.lease_token,
-                "instance_id": instance_id,
-                **params,
-            },
-        ).first()
+    rows = _run(
+        engine,
+        statement,
+        {
+            "task_id": claimed.task.id,
+            "lease_token": claimed.lease_token,
+            "instance_id": instance_id,
+            **params,
+        },
+    )
+    return rows[0] if rows else None
 
 
 def fail(
@@ -185,29 +187,27 @@ def renew_leases(engine: Engine, held: list[Claim], *, lease_seconds: float) -> 
     """Extend the leases of the given claims; return the ids of tasks still held."""
     if not held:
         return set()
-    with _autocommit(engine) as conn:
-        rows = conn.execute(
-            STATEMENTS["renew_leases"],
-            {
-                "task_ids": [c.task.id for c in held],
-                "lease_tokens": [c.lease_token for c in held],
-                "lease_seconds": lease_seconds,
-            },
-        ).all()
+    rows = _run(
+        engine,
+        "renew_leases",
+        {
+            "task_ids": [c.task.id for c in held],
+            "lease_tokens": [c.lease_token for c in held],
+            "lease_seconds": lease_seconds,
+        },
+    )
     return {row.id for row in rows}
 
 
 def rescue_expired(engine: Engine, *, instance_id: str) -> list[tuple[int, str]]:
     """Re-queue (or fail) tasks whose lease ran out; return (task id, new status) pairs."""
-    with _autocommit(engine) as conn:
-        rows = conn.execute(STATEMENTS["rescue_expired"], {"instance_id": instance_id}).all()
+    rows = _run(engine, "rescue_expired", {"instance_id": instance_id})
     return [(row.id, row.status) for row in rows]
 
 
 def seconds_until_next_due(engine: Engine) -> float | None:
-    with _autocommit(engine) as conn:
-        seconds = conn.execute(STATEMENTS["seconds_until_next_due"]).scalar()
-    return None if seconds is None else float(seconds)
+    (row,) = _run(engine, "seconds_until_next_due")
+    return None if row.seconds is None else float(row.seconds)
 
 
 def heartbeat(
@@ -222,49 +222,45 @@ def heartbeat(
     failed_count: int,
     started_at: datetime,
 ) -> None:
-    with _autocommit(engine) as conn:
-        conn.execute(
-            STATEMENTS["heartbeat"],
-            {
-                "instance_id": instance_id,
-                "hostname": hostname,
-                "pid": pid,
-                "worker_running": worker_running,
-                "current_task_ids": json.dumps(current_task_ids),
-                "processed_count": processed_count,
-                "failed_count": failed_count,
-                "started_at": started_at,
-            },
-        )
+    _run(
+        engine,
+        "heartbeat",
+        {
+            "instance_id": instance_id,
+            "hostname": hostname,
+            "pid": pid,
+            "worker_running": worker_running,
+            "current_task_ids": json.dumps(current_task_ids),
+            "processed_count": processed_count,
+            "failed_count": failed_count,
+            "started_at": started_at,
+        },
+    )
 
 
 def instance_stopped(engine: Engine, *, instance_id: str) -> None:
-    with _autocommit(engine) as conn:
-        conn.execute(STATEMENTS["instance_stopped"], {"instance_id": instance_id})
+    _run(engine, "instance_stopped", {"instance_id": instance_id})
 
 
 def forget_instances(engine: Engine, *, older_than_seconds: float) -> None:
-    with _autocommit(engine) as conn:
-        conn.execute(STATEMENTS["forget_instances"], {"forget_after_seconds": older_than_seconds})
+    _run(engine, "forget_instances", {"forget_after_seconds": older_than_seconds})
 
 
 def instances(engine: Engine) -> list[dict[str, Any]]:
-    with _autocommit(engine) as conn:
-        return [dict(row._mapping) for row in conn.execute(STATEMENTS["instances"])]
+    return _run(engine, "instances", row_factory=dict_row)
 
 
 def queue_counts(engine: Engine) -> dict[str, int]:
     from .models import TaskStatus
 
     counts = dict.fromkeys((s.value for s in TaskStatus), 0)
-    with _autocommit(engine) as conn:
-        counts.update({row.status: row.n for row in conn.execute(STATEMENTS["queue_counts"])})
+    counts.update({row.status: row.n for row in _run(engine, "queue_counts")})
     return counts
 
 
 def oldest_pending_age(engine: Engine) -> float:
-    with _autocommit(engine) as conn:
-        return float(conn.execute(STATEMENTS["oldest_pending_age"]).scalar() or 0)
+    (row,) = _run(engine, "oldest_pending_age")
+    return float(row[0] or 0)
 
 
 def _json(value: Any) -> Any:

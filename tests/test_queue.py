@@ -8,7 +8,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from taskapp import queue
@@ -213,16 +213,15 @@ def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
     )
     db_conn.execute("ANALYZE tasks")
     # EXPLAIN without ANALYZE plans the real claim statement without running it.
-    explain = text("EXPLAIN " + queue.STATEMENTS["complete_and_claim"].text)
-    with engine.connect() as conn:
-        params = {
-            "task_id": None,
-            "lease_token": None,
-            "instance_id": "a",
-            "limit": 1,
-            "lease_seconds": 30,
-        }
-        plan = "\n".join(row[0] for row in conn.execute(explain, params))
+    params = {
+        "task_id": None,
+        "lease_token": None,
+        "instance_id": "a",
+        "limit": 1,
+        "lease_seconds": 30,
+    }
+    explain = "EXPLAIN " + queue.STATEMENTS["complete_and_claim"]
+    plan = "\n".join(row[0] for row in db_conn.execute(explain, params))
     assert "ix_tasks_claim" in plan, plan
     assert "Seq Scan on tasks" not in plan, plan
 
