@@ -76,18 +76,22 @@ def autocommit_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
     """A pooled psycopg connection in autocommit mode, for statements that need no transaction.
 
     The hottest reads and single-statement writes use it directly: no BEGIN/COMMIT round trips
-    and none of SQLAlchemy's per-statement bookkeeping. A connection the statement found broken
-    is dropped from the pool, as SQLAlchemy does for its own.
+    and none of SQLAlchemy's per-statement bookkeeping.
     """
     pooled = engine.raw_connection()
     connection: psycopg.Connection[Any] = pooled.driver_connection
     try:
         connection.autocommit = True
         yield connection
-    finally:
+    except BaseException as exc:
         if connection.broken or connection.closed:
-            pooled.invalidate()
-        else:
+            # As SQLAlchemy does on a disconnect: the connections opened before this one are
+            # presumed gone too (a restart, a failover, every backend terminated), so each is
+            # replaced at its next checkout instead of failing a request first.
+            engine.pool._invalidate(pooled, exc)
+        raise
+    finally:
+        if pooled.is_valid and not connection.closed:
             connection.autocommit = False
         pooled.close()
 
