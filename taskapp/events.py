@@ -8,13 +8,17 @@ import json
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
+
+from .database import autocommit_connection
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,12 @@ def publish(
         conversation_id=conversation_id,
     )
     executor.execute(_NOTIFY, {"channel": EVENTS_CHANNEL, "payload": payload})
+
+
+def send_notify(engine: Engine, channel: str) -> None:
+    """An empty NOTIFY on `channel`, sent at once on a pooled connection."""
+    with autocommit_connection(engine) as conn:
+        conn.execute("SELECT pg_notify(%s, '')", (channel,))
 
 
 def wake_workers(executor: Session | Connection) -> None:
@@ -189,15 +199,31 @@ class Listener:
 
     Wake-ups go to the worker; events go to the broker. After a reconnect the worker is
     woken too, since notifications sent while the connection was down are lost.
+
+    Events are listened to only while this instance serves a stream: every change of every
+    instance is an event, and taking each off the wire costs the instance CPU for nothing
+    when no one watches (a tenth of a busy worker's time). The first stream asks for them
+    (events_wanted) and waits until the LISTEN is in place, so it misses nothing after it
+    starts; after the last one ends the listener stops listening.
     """
 
-    def __init__(self, database_url: str, broker: Broker, on_wakeup: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        broker: Broker,
+        on_wakeup: Callable[[], None],
+        send_notify: Callable[[str], None],
+    ) -> None:
         self.conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.broker = broker
         self.on_wakeup = on_wakeup
+        self.send_notify = send_notify
+        # This listener's own channel: a NOTIFY on it wakes the loop to listen for events.
+        self.control_channel = f"taskapp_listener_{uuid.uuid4().hex}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
+        self.listening_to_events = threading.Event()
 
     def start(self) -> None:
         if self._thread is None:
@@ -206,6 +232,17 @@ class Listener:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def events_wanted(self, timeout: float = 5.0) -> bool:
+        """A stream has subscribed: make sure events are being listened to, waiting up to
+        `timeout` for it; False if the listener could not (it is reconnecting)."""
+        if self.listening_to_events.is_set():
+            return True
+        try:
+            self.send_notify(self.control_channel)
+        except Exception as exc:
+            log.warning("could not wake the event listener: %s", exc)
+        return self.listening_to_events.wait(timeout)
 
     def _run(self) -> None:
         delay = 0.1
@@ -217,30 +254,43 @@ class Listener:
                     connect_timeout=5,
                     application_name="taskapp-listener",
                 ) as conn:
-                    conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
+                    conn.execute(f"LISTEN {self.control_channel}")
                     self.connected.set()
                     delay = 0.1
                     self.on_wakeup()
                     while not self._stop.is_set():
+                        self._listen_to_events_if_wanted(conn)
                         for notify in conn.notifies(timeout=1.0):
+                            if notify.channel == self.control_channel:
+                                break  # a stream wants events: listen for them now
                             self._dispatch(notify.channel, notify.payload)
                         # An idle connection can die silently; a cheap query finds out.
                         conn.execute("SELECT 1")
             except Exception as exc:
                 self.connected.clear()
+                self.listening_to_events.clear()
                 if self._stop.is_set():
                     return
                 log.warning("event listener disconnected (%s); reconnecting in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
+        wanted = self.broker.open_streams > 0
+        if wanted and not self.listening_to_events.is_set():
+            conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+            self.listening_to_events.set()
+        elif not wanted and self.listening_to_events.is_set():
+            conn.execute(f"UNLISTEN {EVENTS_CHANNEL}")
+            self.listening_to_events.clear()
+
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == WAKEUP_CHANNEL:
             self.on_wakeup()
             return
-        if self.broker.open_streams == 0:
-            return  # nobody listens here: skip the parsing (wake-ups have their own channel)
+        if channel != EVENTS_CHANNEL or self.broker.open_streams == 0:
+            return  # nobody listens here (any more): skip the parsing
         try:
             event = json.loads(payload)
         except ValueError:

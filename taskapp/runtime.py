@@ -13,7 +13,7 @@ import threading
 from flask import Flask
 
 from .config import Settings
-from .events import Broker, Listener
+from .events import Broker, Listener, Subscription, send_notify
 from .extensions import db
 from .processor import load_processor
 from .worker import Worker
@@ -36,9 +36,21 @@ class Runtime:
             processor=load_processor(settings),
             instance_id=settings.instance_id,
         )
-        self.listener = Listener(settings.database_url, self.broker, on_wakeup=self.worker.wake)
+        self.listener = Listener(
+            settings.database_url,
+            self.broker,
+            on_wakeup=self.worker.wake,
+            send_notify=lambda channel: send_notify(engine, channel),
+        )
         self._stopper: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    def subscribe(self, task_id: int | None = None) -> Subscription:
+        """A new event stream's subscription, once the listener is listening for events."""
+        subscription = self.broker.subscribe(task_id)
+        if not self.listener.events_wanted():
+            log.warning("event stream opened while the event listener is reconnecting")
+        return subscription
 
     def start(self) -> None:
         self.listener.start()

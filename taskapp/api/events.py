@@ -11,7 +11,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import ServiceUnavailable
 
 from .. import runtime
-from ..events import Broker, Subscription, TooManyStreams
+from ..events import Subscription, TooManyStreams
 
 bp = Blueprint("events", __name__)
 sock = Sock()
@@ -19,20 +19,19 @@ sock = Sock()
 
 def _subscribe() -> Subscription:
     instance = runtime.current(current_app)
-    broker: Broker | None = instance.broker if instance else None
     raw = request.args.get("task_id")
     task_id = None
     if raw is not None:
         if not raw.isdigit() or not 0 < int(raw) < 2**63:
             raise ValidationError({"task_id": ["Not a valid task id."]})
         task_id = int(raw)
-    if broker is None:
+    if instance is None:
         raise ServiceUnavailable("This process runs no event listener.")
     try:
-        return broker.subscribe(task_id)
+        return instance.subscribe(task_id)
     except TooManyStreams:
         raise ServiceUnavailable(
-            f"Too many event streams: this instance serves at most {broker.max_streams}."
+            f"Too many event streams: this instance serves at most {instance.broker.max_streams}."
         ) from None
 
 
