@@ -1,8 +1,8 @@
 """Headless Chromium for the browser tests: Debian's chromium driven by Selenium and chromedriver.
 
 Nothing is downloaded: the browser and the driver are the system's (CHROMIUM_PATH and
-CHROMEDRIVER_PATH override where they are looked for). When either is missing the tests are
-skipped with the reason, or fail with it when REQUIRE_BROWSER=1 (so CI can insist).
+CHROMEDRIVER_PATH override where they are looked for); ./test.sh installs them when missing.
+When either is still missing the tests fail, saying what to install: they are never skipped.
 """
 
 from __future__ import annotations
@@ -59,13 +59,10 @@ def missing_browser() -> str | None:
 
 
 def require_browser() -> None:
-    """Skip the calling test, saying why, when there is no browser; fail if one is required."""
+    """Fail the calling test, saying what to install, when there is no browser."""
     reason = missing_browser()
-    if reason is None:
-        return
-    if os.environ.get("REQUIRE_BROWSER") == "1":
-        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(f"browser tests skipped: {reason}")
+    if reason is not None:
+        pytest.fail(f"the browser tests need a browser: {reason}")
 
 
 @contextmanager

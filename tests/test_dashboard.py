@@ -19,7 +19,7 @@ API_KEY = "dashboard-test-key"
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    require_browser()  # first, so a missing browser skips before any instance starts
+    require_browser()  # first, so a missing browser fails before any instance starts
     with chromium() as driver:
         yield driver
 
