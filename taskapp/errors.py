@@ -146,15 +146,14 @@ def _database_unavailable(error: Exception) -> Response:
     )
 
 
-def _handle_dbapi(error: DBAPIError) -> Response:
-    if isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated:
-        return _database_unavailable(error)
-    return _handle_unexpected(error)
+# SQLAlchemy wraps the driver's errors; statements run on a raw psycopg connection
+# (database.autocommit_connection) raise psycopg's own. Either way, a lost or unreachable
+# database is a 503, anything else a bug.
+_UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
-def _handle_driver_error(error: psycopg.Error) -> Response:
-    # Raised by statements run on a raw psycopg connection (database.autocommit_connection).
-    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+def _handle_database_error(error: DBAPIError | psycopg.Error) -> Response:
+    if isinstance(error, _UNAVAILABLE) or getattr(error, "connection_invalidated", False):
         return _database_unavailable(error)
     return _handle_unexpected(error)
 
@@ -190,7 +189,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, _handle_http)
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(ValidationError, _handle_validation)
-    app.register_error_handler(DBAPIError, _handle_dbapi)
-    app.register_error_handler(psycopg.Error, _handle_driver_error)
+    app.register_error_handler(DBAPIError, _handle_database_error)
+    app.register_error_handler(psycopg.Error, _handle_database_error)
     app.register_error_handler(PoolTimeoutError, _database_unavailable)
     app.register_error_handler(Exception, _handle_unexpected)

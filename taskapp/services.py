@@ -9,6 +9,7 @@ so whoever commits first wins and the other sees the new state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -232,7 +233,10 @@ def create_task_idempotently(
 _UPDATABLE = tuple(TaskUpdate().fields)
 
 
-def _update_statement(fields: Sequence[str]) -> str:
+@functools.cache
+def _update_statement(fields: tuple[str, ...]) -> str:
+    # Built once per set of fields (at most 2^5): rendering the task's JSON SQL instantiates the
+    # output schemas, too slow to repeat on every PUT.
     assignments = [f"{name} = %({name})s" for name in fields]
     if "scheduled_for" in fields:
         # Only a pending task waits on run_after; for the others it belongs to the worker.
@@ -265,7 +269,7 @@ def update_task(
         if not fields:
             return _task_json(conn, task_id)
         params = {**data, "task_id": task_id, "instance_id": instance_id}
-        row = conn.execute(_update_statement(fields), params).fetchone()
+        row = conn.execute(_update_statement(tuple(fields)), params).fetchone()
     if row is None:
         raise NotFound(f"Task {task_id} does not exist.")
     return TaskJSON(row[0], row[1])

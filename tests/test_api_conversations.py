@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -19,18 +20,26 @@ def create_task(client: FlaskClient, *contents: str) -> dict[str, Any]:
     return response.get_json()
 
 
-def test_add_a_conversation(client: FlaskClient, database_url: str) -> None:
-    task = create_task(client, "first")
+def with_event(database_url: str, request: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """Make a request and return its response with the one event it published."""
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {EVENTS_CHANNEL}")
-        response = client.post(f"/tasks/{task['id']}/conversations/", json={"content": "second"})
+        response = request()
         (notify,) = listener.notifies(timeout=5, stop_after=1)
+    return response, json.loads(notify.payload)
+
+
+def test_add_a_conversation(client: FlaskClient, database_url: str) -> None:
+    task = create_task(client, "first")
+    response, event = with_event(
+        database_url,
+        lambda: client.post(f"/tasks/{task['id']}/conversations/", json={"content": "second"}),
+    )
     assert response.status_code == 201
     conversation = response.get_json()
     assert_conversation_shape(conversation)
     assert conversation["task_id"] == task["id"]
     assert (conversation["content"], conversation["status"]) == ("second", "active")
-    event = json.loads(notify.payload)
     assert event["type"] == "conversation.created"
     assert (event["task_id"], event["conversation_id"]) == (task["id"], conversation["id"])
     assert event["status"] == "pending"  # the task's status
@@ -72,17 +81,16 @@ def test_list_of_a_missing_task_is_404(client: FlaskClient) -> None:
 def test_update_content_and_status(client: FlaskClient, database_url: str) -> None:
     task = create_task(client, "old", "other")
     conversation = task["conversations"][0]
-    with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {EVENTS_CHANNEL}")
-        response = client.put(f"/conversations/{conversation['id']}", json={"content": "new"})
-        (notify,) = listener.notifies(timeout=5, stop_after=1)
+    response, event = with_event(
+        database_url,
+        lambda: client.put(f"/conversations/{conversation['id']}", json={"content": "new"}),
+    )
     assert response.status_code == 200
     updated = response.get_json()
     assert_conversation_shape(updated)
     assert (updated["content"], updated["status"]) == ("new", "active")
     assert updated["updated_at"] > conversation["updated_at"]
     assert updated["created_at"] == conversation["created_at"]
-    event = json.loads(notify.payload)
     assert (event["type"], event["conversation_id"]) == ("conversation.updated", conversation["id"])
 
     processed = client.put(f"/conversations/{conversation['id']}", json={"status": "processed"})

@@ -28,9 +28,9 @@ bp = Blueprint("tasks", __name__, url_prefix="/tasks")
 _TASK_CREATE, _TASK_UPDATE, _LIST_QUERY = TaskCreate(), TaskUpdate(), TaskListQuery()
 
 
-def _json(task: services.TaskJSON, status: int = 200) -> Response:
+def _json(text: str, status: int = 200) -> Response:
     # The JSON text PostgreSQL rendered (taskapp.representation), sent as it is.
-    return Response(task.json, status, mimetype="application/json")
+    return Response(text, status, mimetype="application/json")
 
 
 def _writer() -> dict[str, Any]:
@@ -75,7 +75,7 @@ def create_task() -> ResponseReturnValue:
         task = services.create_task_idempotently(
             **creation, key=key, fingerprint=_fingerprint(body)
         )
-    response = _json(task, 201)
+    response = _json(task.json, 201)
     response.headers["Location"] = url_for(".get_task", task_id=task.id)
     return response
 
@@ -84,14 +84,14 @@ def create_task() -> ResponseReturnValue:
 def list_tasks() -> ResponseReturnValue:
     query = _LIST_QUERY.load(request.args.to_dict())
     page = services.list_tasks(engine=db.engine, **query)
-    response = Response(page.json, mimetype="application/json")
+    response = _json(page.json)
     response.headers["X-Total-Count"] = str(page.total)
     return response
 
 
 @bp.get("/<id:task_id>")
 def get_task(task_id: int) -> ResponseReturnValue:
-    return _json(services.get_task(engine=db.engine, task_id=task_id))
+    return _json(services.get_task(engine=db.engine, task_id=task_id).json)
 
 
 @bp.put("/<id:task_id>")
@@ -100,7 +100,7 @@ def update_task(task_id: int) -> ResponseReturnValue:
     task = services.update_task(
         engine=db.engine, task_id=task_id, data=data, instance_id=settings().instance_id
     )
-    return _json(task)
+    return _json(task.json)
 
 
 @bp.delete("/<id:task_id>")
@@ -111,9 +111,9 @@ def delete_task(task_id: int) -> ResponseReturnValue:
 
 @bp.post("/<id:task_id>/retry")
 def retry_task(task_id: int) -> ResponseReturnValue:
-    return _json(services.retry_task(**_writer(), task_id=task_id))
+    return _json(services.retry_task(**_writer(), task_id=task_id).json)
 
 
 @bp.post("/<id:task_id>/cancel")
 def cancel_task(task_id: int) -> ResponseReturnValue:
-    return _json(services.cancel_task(**_writer(), task_id=task_id))
+    return _json(services.cancel_task(**_writer(), task_id=task_id).json)
