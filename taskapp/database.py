@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from flask import Flask
+from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
@@ -27,16 +31,27 @@ MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 # A connection back in use within this time is not pinged: it just worked. One idle for longer
 # (through an outage, a restart, a terminated backend) is pinged, and replaced if dead.
 PING_AFTER_IDLE_SECONDS = 1.0
+# Connections are closed and replaced after this long (server-side state and memory stay fresh).
+RECYCLE_AFTER_SECONDS = 1800
+# Connections beyond the pool's size opened for a burst, closed when they come back.
+POOL_OVERFLOW = 10
+# The engine's own pool serves only the transactions of the less frequent writes (delete,
+# retry, cancel, conversations) and health checks; statements have a pool of their own.
+TRANSACTION_POOL_SIZE = 5
+
+
+def statement_pool_size(settings: Settings) -> int:
+    """Connections the statement pool keeps: enough that a burst of requests and the worker
+    threads reuse connections instead of opening new ones (it only grows as the load asks)."""
+    return settings.db_pool_size or settings.worker_concurrency + 20
 
 
 def engine_options(settings: Settings) -> dict[str, object]:
-    """A pool big enough that a burst of requests reuses connections instead of opening new
-    ones (the pool only grows as far as the load asks)."""
     return {
-        "pool_size": settings.db_pool_size or settings.worker_concurrency + 20,
-        "max_overflow": 10,
+        "pool_size": TRANSACTION_POOL_SIZE,
+        "max_overflow": POOL_OVERFLOW,
         "pool_timeout": 5,
-        "pool_recycle": 1800,
+        "pool_recycle": RECYCLE_AFTER_SECONDS,
         "connect_args": {
             "connect_timeout": 5,
             # A client that vanishes mid-transaction (network cut before COMMIT) must not
@@ -71,29 +86,151 @@ def ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError() from exc  # the pool discards it and tries another
 
 
-@contextmanager
-def autocommit_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
-    """A pooled psycopg connection in autocommit mode, for statements that need no transaction.
+class StatementPoolTimeout(psycopg.OperationalError):
+    """Every connection of the statement pool stayed busy for the whole pool timeout."""
 
-    The hottest reads and single-statement writes use it directly: no BEGIN/COMMIT round trips
-    and none of SQLAlchemy's per-statement bookkeeping.
+
+class StatementPool:
+    """Autocommit psycopg connections for the statements that need no transaction.
+
+    The hottest paths (task reads, single-statement writes, the queue) run one statement per
+    connection checkout. Through SQLAlchemy's pool each checkout also toggled autocommit,
+    rolled back on return and ran pool events: a sixth of a GET's CPU in the worker process.
+    Here a checkout is a list pop under a lock; connections stay in autocommit.
+
+    Connections are opened through the engine (its connect arguments and timeouts), then
+    detached from its pool. Unlike a pool that reconnects in the background while callers wait
+    (psycopg_pool), a checkout that needs a new connection opens it at once, so a database that
+    is down fails a request in milliseconds, not after the pool timeout.
     """
-    pooled = engine.raw_connection()
-    connection: psycopg.Connection[Any] = pooled.driver_connection
-    try:
-        connection.autocommit = True
-        yield connection
-    except BaseException as exc:
-        if connection.broken or connection.closed:
-            # As SQLAlchemy does on a disconnect: the connections opened before this one are
-            # presumed gone too (a restart, a failover, every backend terminated), so each is
-            # replaced at its next checkout instead of failing a request first.
-            engine.pool._invalidate(pooled, exc)
-        raise
-    finally:
-        if pooled.is_valid and not connection.closed:
-            connection.autocommit = False
-        pooled.close()
+
+    def __init__(self, engine: Engine, size: int, timeout: float, recycle: float) -> None:
+        self._engine = engine
+        self._size = size
+        self._timeout = timeout
+        self._recycle = recycle
+        self._slots = threading.BoundedSemaphore(size + POOL_OVERFLOW)
+        self._lock = threading.Lock()
+        # (connection, opened at, returned at): checked out last-in first-out, so a quiet
+        # period leaves the same few connections warm.
+        self._idle: list[tuple[psycopg.Connection[Any], float, float]] = []
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if not self._slots.acquire(timeout=self._timeout):
+            raise StatementPoolTimeout(f"no database connection free within {self._timeout:g}s")
+        try:
+            conn, opened_at = self._checkout()
+            try:
+                yield conn
+            except BaseException:
+                if conn.broken or conn.closed:
+                    # As SQLAlchemy does on a disconnect: the connections opened before this
+                    # one are presumed gone too (a restart, a failover, every backend
+                    # terminated), so they are replaced instead of failing a request each.
+                    self._discard_idle()
+                    conn.close()
+                else:
+                    self._checkin(conn, opened_at)
+                raise
+            self._checkin(conn, opened_at)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        self._discard_idle()
+
+    def _checkout(self) -> tuple[psycopg.Connection[Any], float]:
+        while True:
+            with self._lock:
+                entry = self._idle.pop() if self._idle else None
+            if entry is None:
+                return self._open(), time.monotonic()
+            conn, opened_at, returned_at = entry
+            if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
+                return conn, opened_at
+            try:
+                conn.execute("SELECT 1")
+                return conn, opened_at
+            except psycopg.Error:
+                conn.close()
+                self._discard_idle()
+
+    def _checkin(self, conn: psycopg.Connection[Any], opened_at: float) -> None:
+        now = time.monotonic()
+        reusable = (
+            not self._closed
+            and not conn.closed
+            and conn.info.transaction_status == TransactionStatus.IDLE
+            and now - opened_at < self._recycle
+        )
+        if reusable:
+            with self._lock:
+                if len(self._idle) < self._size:
+                    self._idle.append((conn, opened_at, now))
+                    return
+        conn.close()
+
+    def _discard_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _, _ in idle:
+            conn.close()
+
+    def _open(self) -> psycopg.Connection[Any]:
+        pooled = self._engine.raw_connection()
+        conn: psycopg.Connection[Any] = pooled.driver_connection
+        pooled.detach()  # ours from now on; the engine's pool opens another when it needs one
+        conn.autocommit = True
+        return conn
+
+
+_statement_pools: weakref.WeakKeyDictionary[Engine, tuple[int, StatementPool]] = (
+    weakref.WeakKeyDictionary()
+)
+_statement_pool_sizes: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+_statement_pools_lock = threading.Lock()
+
+
+def size_statement_pool(engine: Engine, size: int) -> None:
+    """How many connections the engine's statement pool keeps (default: its own pool's size)."""
+    _statement_pool_sizes[engine] = size
+
+
+def statement_pool(engine: Engine) -> StatementPool:
+    """The engine's statement pool, made on first use in each process (never shared across
+    fork) and closed when the engine is disposed."""
+    entry = _statement_pools.get(engine)
+    if entry is not None and entry[0] == os.getpid():
+        return entry[1]
+    with _statement_pools_lock:
+        entry = _statement_pools.get(engine)
+        if entry is None or entry[0] != os.getpid():
+            pool = StatementPool(
+                engine,
+                size=_statement_pool_sizes.get(engine) or engine.pool.size(),
+                timeout=engine.pool.timeout(),
+                recycle=RECYCLE_AFTER_SECONDS,
+            )
+            if entry is None:
+                event.listen(engine, "engine_disposed", lambda _: _close_statement_pool(engine))
+            entry = _statement_pools[engine] = (os.getpid(), pool)
+        return entry[1]
+
+
+def _close_statement_pool(engine: Engine) -> None:
+    entry = _statement_pools.pop(engine, None)
+    if entry is not None and entry[0] == os.getpid():
+        entry[1].close()
+
+
+def autocommit_connection(engine: Engine) -> AbstractContextManager[psycopg.Connection[Any]]:
+    """A pooled psycopg connection in autocommit mode, for statements that need no transaction
+    (a `conn.transaction()` block still makes one): no BEGIN/COMMIT round trips and none of
+    SQLAlchemy's per-statement bookkeeping."""
+    return statement_pool(engine).connection()
 
 
 def init_database(app: Flask) -> None:
@@ -104,6 +241,7 @@ def init_database(app: Flask) -> None:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     with app.app_context():
         ping_idle_connections(db.engine)
+        size_statement_pool(db.engine, statement_pool_size(settings))
 
 
 def upgrade_schema(app: Flask) -> None:
