@@ -7,8 +7,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -107,47 +106,55 @@ class StatementPool:
     def __init__(self, engine: Engine, size: int, timeout: float, recycle: float) -> None:
         self._engine = engine
         self._size = size
+        self._max_size = size + POOL_OVERFLOW
         self._timeout = timeout
         self._recycle = recycle
-        self._slots = threading.BoundedSemaphore(size + POOL_OVERFLOW)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._waiting = 0
+        self._in_use = 0
         # (connection, opened at, returned at): checked out last-in first-out, so a quiet
         # period leaves the same few connections warm.
         self._idle: list[tuple[psycopg.Connection[Any], float, float]] = []
         self._closed = False
 
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        if not self._slots.acquire(timeout=self._timeout):
-            raise StatementPoolTimeout(f"no database connection free within {self._timeout:g}s")
-        try:
-            conn, opened_at = self._checkout()
-            try:
-                yield conn
-            except BaseException:
-                if conn.broken or conn.closed:
-                    # As SQLAlchemy does on a disconnect: the connections opened before this
-                    # one are presumed gone too (a restart, a failover, every backend
-                    # terminated), so they are replaced instead of failing a request each.
-                    self._discard_idle()
-                    conn.close()
-                else:
-                    self._checkin(conn, opened_at)
-                raise
-            self._checkin(conn, opened_at)
-        finally:
-            self._slots.release()
+    def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A connection for the block, returned to the pool after it (closed if it broke)."""
+        return _Checkout(self)
 
     def close(self) -> None:
         self._closed = True
         self._discard_idle()
 
     def _checkout(self) -> tuple[psycopg.Connection[Any], float]:
-        while True:
-            with self._lock:
-                entry = self._idle.pop() if self._idle else None
-            if entry is None:
-                return self._open(), time.monotonic()
+        with self._lock:
+            if self._in_use >= self._max_size:
+                self._wait_for_a_free_slot()
+            self._in_use += 1
+            entry = self._idle.pop() if self._idle else None
+        try:
+            return self._ready(entry)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _wait_for_a_free_slot(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        self._waiting += 1
+        try:
+            while self._in_use >= self._max_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._freed.wait(remaining):
+                    raise StatementPoolTimeout(
+                        f"no database connection free within {self._timeout:g}s"
+                    )
+        finally:
+            self._waiting -= 1
+
+    def _ready(
+        self, entry: tuple[psycopg.Connection[Any], float, float] | None
+    ) -> tuple[psycopg.Connection[Any], float]:
+        while entry is not None:
             conn, opened_at, returned_at = entry
             if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
                 return conn, opened_at
@@ -157,8 +164,15 @@ class StatementPool:
             except psycopg.Error:
                 conn.close()
                 self._discard_idle()
+                entry = None
+        return self._open(), time.monotonic()
 
-    def _checkin(self, conn: psycopg.Connection[Any], opened_at: float) -> None:
+    def _checkin(self, conn: psycopg.Connection[Any], opened_at: float, failed: bool) -> None:
+        if failed and (conn.broken or conn.closed):
+            # As SQLAlchemy does on a disconnect: the connections opened before this one are
+            # presumed gone too (a restart, a failover, every backend terminated), so they
+            # are replaced instead of failing a request each.
+            self._discard_idle()
         now = time.monotonic()
         reusable = (
             not self._closed
@@ -166,12 +180,22 @@ class StatementPool:
             and conn.info.transaction_status == TransactionStatus.IDLE
             and now - opened_at < self._recycle
         )
-        if reusable:
-            with self._lock:
-                if len(self._idle) < self._size:
-                    self._idle.append((conn, opened_at, now))
-                    return
-        conn.close()
+        with self._lock:
+            kept = reusable and len(self._idle) < self._size
+            if kept:
+                self._idle.append((conn, opened_at, now))
+            self._free_slot()
+        if not kept:
+            conn.close()
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        self._in_use -= 1
+        if self._waiting:
+            self._freed.notify()
 
     def _discard_idle(self) -> None:
         with self._lock:
@@ -185,6 +209,23 @@ class StatementPool:
         pooled.detach()  # ours from now on; the engine's pool opens another when it needs one
         conn.autocommit = True
         return conn
+
+
+class _Checkout:
+    """One use of a pooled connection, as a context manager (a class: cheaper than a generator
+    on a path every request takes)."""
+
+    __slots__ = ("_conn", "_opened_at", "_pool")
+
+    def __init__(self, pool: StatementPool) -> None:
+        self._pool = pool
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        self._conn, self._opened_at = self._pool._checkout()
+        return self._conn
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self._pool._checkin(self._conn, self._opened_at, failed=exc_type is not None)
 
 
 _statement_pools: weakref.WeakKeyDictionary[Engine, tuple[int, StatementPool]] = (

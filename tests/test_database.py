@@ -4,6 +4,7 @@ PostgreSQL (connections are terminated with pg_terminate_backend, as a restart w
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -15,6 +16,7 @@ from sqlalchemy.engine import Engine
 from taskapp import database
 from taskapp.config import normalize_database_url
 from taskapp.database import StatementPoolTimeout, autocommit_connection, statement_pool
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -88,7 +90,9 @@ def test_connection_left_in_a_transaction_is_not_reused(engine: Engine) -> None:
         assert conn is not in_transaction
 
 
-def test_exhausted_pool_times_out_with_a_database_error(engine: Engine) -> None:
+@pytest.fixture
+def exhausted(engine: Engine) -> Iterator[threading.Event]:
+    """Every connection of the statement pool held by a thread until the event is set."""
     size = engine.pool.size() + database.POOL_OVERFLOW
     held, release = threading.Barrier(size + 1), threading.Event()
 
@@ -100,16 +104,35 @@ def test_exhausted_pool_times_out_with_a_database_error(engine: Engine) -> None:
     threads = [threading.Thread(target=hold) for _ in range(size)]
     for thread in threads:
         thread.start()
-    try:
-        held.wait(10)
-        with pytest.raises(StatementPoolTimeout) as raised, autocommit_connection(engine):
-            pass
-        assert isinstance(raised.value, psycopg.OperationalError)  # the API's 503
-    finally:
-        release.set()
-        for thread in threads:
-            thread.join()
+    held.wait(10)
+    yield release
+    release.set()
+    for thread in threads:
+        thread.join()
+
+
+def test_exhausted_pool_times_out_with_a_database_error(
+    engine: Engine, exhausted: threading.Event
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(StatementPoolTimeout) as raised, autocommit_connection(engine):
+        pass
+    assert time.monotonic() - started >= engine.pool.timeout()
+    assert isinstance(raised.value, psycopg.OperationalError)  # the API's 503
+    exhausted.set()
     assert backend_pid(engine) > 0  # free again
+
+
+def test_a_waiting_checkout_gets_the_first_connection_freed(
+    engine: Engine, exhausted: threading.Event
+) -> None:
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(backend_pid(engine)))
+    waiter.start()
+    wait_for(lambda: statement_pool(engine)._waiting == 1, timeout=0.4, interval=0.01)
+    exhausted.set()
+    waiter.join(5)
+    assert got and got[0] > 0
 
 
 def test_dispose_closes_the_idle_connections(engine: Engine, db_conn: psycopg.Connection) -> None:
