@@ -283,13 +283,16 @@ def insert_tasks(
 
 def insert_history(url: str, n: int, *, chunk: int = 250_000) -> None:
     """n completed tasks with 2 processed conversations each, then VACUUM ANALYZE (as
-    autovacuum would after a bulk load), so plans reflect the table's real size."""
+    autovacuum would after a bulk load), so plans reflect the table's real size, and a
+    CHECKPOINT, so the measurements that follow see a settled table instead of sharing the
+    machine with the checkpointer writing out the load (hundreds of MB at a million rows)."""
     done = 0
     while done < n:
         insert_tasks(url, min(chunk, n - done), completed=True)
         done += min(chunk, n - done)
     with connect(url) as conn:
         conn.execute("VACUUM ANALYZE tasks, conversations")
+        conn.execute("CHECKPOINT")
 
 
 def truncate_tasks(url: str) -> None:
