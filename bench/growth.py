@@ -1,19 +1,24 @@
 """Growth: the HTTP and drain figures with 1,000 vs. 1,000,000 completed tasks of history.
 
     python -m bench.growth [--quick] [--sizes 1000 1000000] [--seconds 5] [--tasks 20000]
+                           [--rounds 2]
 
-For each history size, in one database (emptied between sizes):
+Each history size has a database of its own, loaded first:
   1. history: `size` completed tasks with 2 processed conversations each (generate_series),
-     VACUUM ANALYZE; plus 1,000 pending tasks for the HTTP runs;
-  2. SQL: the claim statement of taskapp/sql/queue.sql under EXPLAIN ANALYZE (rolled back),
-     the queue-count query behind /status and /metrics, and the list's total count, each the
-     median of 5 runs, with the plans printed;
-  3. HTTP (bench/http.py's suite, WORKER_ENABLED=0): GET reads random tasks across the whole
-     table, PUT updates random pending ones; plus GET /status and GET /metrics;
-  4. drain (bench/drain.py): the pending tasks are deleted, then `--tasks` tasks are drained by
-     2 taskapp instances, and (after deleting those) by the raw loop with 2 processes.
-The baseline of each figure is the same figure at the smallest size, in the same run. Target:
-the largest size costs at most 1.3x the smallest on every HTTP and drain figure.
+     VACUUM ANALYZE, CHECKPOINT;
+  2. SQL, with 1,000 pending tasks: the claim statement of taskapp/sql/queue.sql under EXPLAIN
+     ANALYZE (rolled back), the queue-count query behind /status and /metrics, and the list's
+     total count, each the median of 5 runs, with the plans printed.
+Then the sizes take turns for `--rounds` rounds (small, big, small, big, ...), each round:
+  3. HTTP (bench/http.py's suite, WORKER_ENABLED=0) with 1,000 new pending tasks: GET reads
+     random tasks across the whole history, PUT updates random pending ones; plus GET /status
+     and GET /metrics;
+  4. drain (bench/drain.py): everything but the history is deleted, then `--tasks` tasks are
+     drained by 2 taskapp instances, and (after deleting those) by the raw loop with 2
+     processes; then those are deleted too.
+Each figure is the median of its rounds; its baseline is the same figure at the smallest size,
+in the same run. Target: the largest size costs at most 1.3x the smallest on every HTTP and
+drain figure.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from bench.common import (
     print_table,
     queue_statement,
     taskapp_server,
-    truncate_tasks,
     verdict,
 )
 from bench.drain import add_drain_args, drain_taskapp
@@ -64,6 +68,7 @@ class Figures:
     cpu_ms: dict[str, float] = field(default_factory=dict)  # server CPU per request
     sql_ms: dict[str, float] = field(default_factory=dict)  # lower is better
     plans: dict[str, str] = field(default_factory=dict)
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # each round's value
 
 
 def explain(url: str, sql: str, params: dict[str, object]) -> tuple[str, float]:
@@ -100,32 +105,49 @@ def sql_figures(url: str, figures: Figures) -> None:
     )
 
 
-def measure_size(url: str, size: int, load: Load, args: argparse.Namespace) -> Figures:
+def load_size(url: str, size: int) -> Figures:
+    """Load `size` completed tasks of history into an empty database and take its SQL figures."""
     figures = Figures(size)
     log(f"history of {size:,} completed tasks: loading")
-    truncate_tasks(url)
     insert_history(url, size)
-    pending = insert_tasks(url, PENDING_FOR_HTTP, wake=False)
+    insert_tasks(url, PENDING_FOR_HTTP, wake=False)  # something for the claim to find
     sql_figures(url, figures)
+    delete_tasks(url, f"id > {size}")
+    return figures
 
+
+def measure_round(url: str, figures: Figures, load: Load, args: argparse.Namespace) -> None:
+    """One round of the HTTP and drain figures at one size; the history is left as it was."""
+    log(f"{figures.size:,} rows of history: HTTP and drain")
+    pending = insert_tasks(url, PENDING_FOR_HTTP, wake=False)
     with taskapp_server(url, WORKER_ENABLED=0) as app:
         app.start()
-        results = taskapp_suite(app, load, (1, pending.last), (pending.first, pending.last))
+        # GET reads random tasks across the whole history; PUT updates the pending ones.
+        results = taskapp_suite(app, load, (1, figures.size), (pending.first, pending.last))
         results.append(measure(app, "GET /status", "/status", load))
         results.append(measure(app, "GET /metrics", "/metrics", load))
-    figures.rates.update({r.name + " (req/s)": r.rps for r in results})
-    figures.cpu_ms.update({r.name + " (CPU ms/req)": r.cpu_ms for r in results})
+    for r in results:
+        figures.rounds.setdefault(r.name + " (req/s)", []).append(r.rps)
+        figures.rounds.setdefault(r.name + " (CPU ms/req)", []).append(r.cpu_ms)
 
-    delete_tasks(url, "status <> 'completed'")
+    history = f"id > {figures.size}"  # the history's ids are 1..size: keep those
+    delete_tasks(url, history)
     app_drain = drain_taskapp(
         url, 2, args.tasks, args.concurrency, args.drain_timeout, truncate=False
     )
-    figures.rates["drain, taskapp x2 (tasks/s)"] = app_drain.rate
-    delete_tasks(url, "id > %s", (pending.last,))
+    figures.rounds.setdefault(APP_DRAIN, []).append(app_drain.rate)
+    delete_tasks(url, history)
     ids = insert_tasks(url, args.tasks, wake=False)
     seconds = raw_loop.drain(url, 2, timeout=args.drain_timeout)
-    figures.rates["drain, raw loop x2 (tasks/s)"] = ids.count / seconds
-    return figures
+    figures.rounds.setdefault(RAW_DRAIN, []).append(ids.count / seconds)
+    delete_tasks(url, history)
+
+
+def settle_rounds(figures: Figures) -> None:
+    """Each figure is the median of its rounds."""
+    for name, values in figures.rounds.items():
+        target = figures.cpu_ms if name.endswith("(CPU ms/req)") else figures.rates
+        target[name] = statistics.median(values)
 
 
 INFO_ONLY = ("GET /status", "GET /metrics", "raw loop")
@@ -163,12 +185,19 @@ def growth_rows(small: Figures, big: Figures) -> list[list[object]]:
 def run(args: argparse.Namespace) -> int:
     sizes = [1_000, 100_000] if args.quick else sorted(args.sizes)
     if args.quick:
-        args.tasks = 2000
+        args.tasks, args.rounds = 2000, 1
     load = Load(seconds=2.0 if args.quick else args.seconds, connections=args.connections)
     stamp = machine_line()
-    with bench_database("growth") as url:
-        figures = [measure_size(url, size, load, args) for size in sizes]
-    small, big = figures[0], figures[-1]
+    with bench_database("growth_small") as small_url, bench_database("growth_big") as big_url:
+        small, big = load_size(small_url, sizes[0]), load_size(big_url, sizes[-1])
+        # The sizes take turns, round after round, so a slow spell of the machine falls on
+        # both instead of on whichever size happened to run during it.
+        for n in range(args.rounds):
+            log(f"round {n + 1} of {args.rounds}")
+            measure_round(small_url, small, load, args)
+            measure_round(big_url, big, load, args)
+    for figures in (small, big):
+        settle_rounds(figures)
     for f in (small, big):
         print(f"\n#### Claim plan with {f.size:,} rows of history\n\n```\n{f.plans['claim']}\n```")
     print(
@@ -177,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(
         f"Growth: {small.size:,} vs. {big.size:,} completed tasks of history "
-        f"(HTTP {load.connections} connections, {load.seconds:g} s; drain {args.tasks:,} tasks) "
+        f"(HTTP {load.connections} connections, {load.seconds:g} s; drain {args.tasks:,} tasks; "
+        f"median of {args.rounds} alternating round(s)) "
         f"— {stamp}",
         ["figure", f"{small.size:,} rows", f"{big.size:,} rows", "cost ratio", "target"],
         growth_rows(small, big),
@@ -190,5 +220,6 @@ if __name__ == "__main__":
     p.add_argument("--sizes", type=int, nargs=2, default=[1_000, 1_000_000])
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both sizes")
     add_drain_args(p)
     main(run, p.parse_args())
