@@ -255,8 +255,8 @@ def statement_pool(engine: Engine) -> StatementPool:
                 timeout=engine.pool.timeout(),
                 recycle=RECYCLE_AFTER_SECONDS,
             )
-            if entry is None:
-                event.listen(engine, "engine_disposed", lambda _: _close_statement_pool(engine))
+            if not event.contains(engine, "engine_disposed", _close_statement_pool):
+                event.listen(engine, "engine_disposed", _close_statement_pool)
             entry = _statement_pools[engine] = (os.getpid(), pool)
         return entry[1]
 
