@@ -122,6 +122,11 @@ class StatementPool:
         """A connection for the block, returned to the pool after it (closed if it broke)."""
         return _Checkout(self)
 
+    def stats(self) -> dict[str, int]:
+        """Connections checked out, idle, and the most there may be (for /status)."""
+        with self._lock:
+            return {"in_use": self._in_use, "idle": len(self._idle), "max": self._max_size}
+
     def close(self) -> None:
         self._closed = True
         self._discard_idle()

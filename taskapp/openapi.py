@@ -43,6 +43,14 @@ COMPONENT_SCHEMAS = {
     "ValidationProblem": schemas.ValidationProblem,
 }
 
+
+def _counts(*names: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: {"type": "integer", "minimum": 0} for name in names},
+    }
+
+
 # Shared error responses, referred to by status code from every operation below.
 ERROR_RESPONSES: dict[str, tuple[str, str]] = {
     "400": ("Problem", "The body is not JSON, or not a JSON object."),
@@ -344,7 +352,9 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "description": (
             "`instance_id`; `worker` (running, current task, processed and failed counts, "
             "started at); `queue` (tasks per status); `instances` (every live instance with "
-            "its last heartbeat)."
+            "its last heartbeat); `event_streams` (open and most allowed); "
+            "`database_connections` (this instance's statement pool: in use, idle, most "
+            "allowed)."
         ),
         "properties": {
             "instance_id": {"type": "string"},
@@ -356,6 +366,8 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                 },
             },
             "instances": {"type": "array", "items": {"type": "object"}},
+            "event_streams": _counts("open", "max"),
+            "database_connections": _counts("in_use", "idle", "max"),
         },
     },
     "Event": {

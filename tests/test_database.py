@@ -46,6 +46,14 @@ def test_connections_are_reused_and_stay_in_autocommit(engine: Engine) -> None:
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
+def test_stats_count_the_connections_in_use_and_idle(engine: Engine) -> None:
+    pool = statement_pool(engine)
+    most = engine.pool.size() + database.POOL_OVERFLOW
+    with pool.connection(), pool.connection():
+        assert pool.stats() == {"in_use": 2, "idle": 0, "max": most}
+    assert pool.stats() == {"in_use": 0, "idle": 2, "max": most}
+
+
 def test_connection_killed_while_idle_is_replaced_unnoticed(
     engine: Engine, db_conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

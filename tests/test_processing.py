@@ -44,7 +44,7 @@ def test_two_instances_process_forty_tasks_exactly_once(instances, db_conn):
 
 
 def test_status_shows_the_worker_and_the_cluster(instances):
-    first, second = instances(), instances(WORKER_ENABLED=0)
+    first, second = instances(), instances(WORKER_ENABLED=0, DB_POOL_SIZE=3)
     task = create_task(first.url, "counted")
     wait_for(lambda: get_task(first.url, task["id"])["status"] == "completed", timeout=10)
     status = wait_for(lambda: (s := first.status())["worker"]["processed"] == 1 and s)
@@ -54,6 +54,9 @@ def test_status_shows_the_worker_and_the_cluster(instances):
     other = second.status()
     assert other["worker"]["running"] is False
     assert other["instance_id"] != status["instance_id"]
+    connections = other["database_connections"]
+    assert connections["max"] == 3 + 10  # DB_POOL_SIZE, and 10 more for bursts
+    assert 1 <= connections["idle"] <= 3  # /status itself just used one
 
     def both_listed() -> bool:
         listed = {i["instance_id"] for i in first.status()["instances"]}

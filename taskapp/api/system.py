@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import metrics, queue, runtime
+from ..database import statement_pool
 from ..extensions import db
 
 bp = Blueprint("system", __name__)
@@ -63,6 +64,8 @@ def status():
                 "open": instance.broker.open_streams if instance else 0,
                 "max": settings.max_event_streams,
             },
+            # Requests wait for a connection when in_use reaches max, and get a 503 after 5 s.
+            "database_connections": statement_pool(engine).stats(),
         }
     )
 
