@@ -117,6 +117,7 @@ class StatementPool:
         # period leaves the same few connections warm.
         self._idle: list[tuple[psycopg.Connection[Any], float, float]] = []
         self._closed = False
+        self._pid = os.getpid()
 
     def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A connection for the block, returned to the pool after it (closed if it broke)."""
@@ -127,9 +128,19 @@ class StatementPool:
         with self._lock:
             return {"in_use": self._in_use, "idle": len(self._idle), "max": self._max_size}
 
+    def successor(self) -> StatementPool:
+        """An empty pool with the same settings, to take over from this one."""
+        return StatementPool(self._engine, self._size, self._timeout, self._recycle)
+
     def close(self) -> None:
+        """Close the idle connections, and each busy one when it comes back. In a forked
+        child they belong to the parent: they are only forgotten, as SQLAlchemy's
+        dispose(close=False) does."""
         self._closed = True
-        self._discard_idle()
+        if os.getpid() == self._pid:
+            self._discard_idle()
+        else:
+            self._idle = []
 
     def _checkout(self) -> tuple[psycopg.Connection[Any], float]:
         with self._lock:
@@ -159,17 +170,13 @@ class StatementPool:
     def _ready(
         self, entry: tuple[psycopg.Connection[Any], float, float] | None
     ) -> tuple[psycopg.Connection[Any], float]:
-        while entry is not None:
+        if entry is not None:
             conn, opened_at, returned_at = entry
-            if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
+            if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS or _alive(conn):
                 return conn, opened_at
-            try:
-                conn.execute("SELECT 1")
-                return conn, opened_at
-            except psycopg.Error:
-                conn.close()
-                self._discard_idle()
-                entry = None
+            # Dead after idling: so, most likely, are the others (a restart, a failover).
+            conn.close()
+            self._discard_idle()
         return self._open(), time.monotonic()
 
     def _checkin(self, conn: psycopg.Connection[Any], opened_at: float, failed: bool) -> None:
@@ -216,6 +223,14 @@ class StatementPool:
         return conn
 
 
+def _alive(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
 class _Checkout:
     """One use of a pooled connection, as a context manager (a class: cheaper than a generator
     on a path every request takes)."""
@@ -233,43 +248,44 @@ class _Checkout:
         self._pool._checkin(self._conn, self._opened_at, failed=exc_type is not None)
 
 
-_statement_pools: weakref.WeakKeyDictionary[Engine, tuple[int, StatementPool]] = (
-    weakref.WeakKeyDictionary()
-)
-_statement_pool_sizes: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+_statement_pools: weakref.WeakKeyDictionary[Engine, StatementPool] = weakref.WeakKeyDictionary()
 _statement_pools_lock = threading.Lock()
 
 
-def size_statement_pool(engine: Engine, size: int) -> None:
-    """How many connections the engine's statement pool keeps (default: its own pool's size)."""
-    _statement_pool_sizes[engine] = size
+def attach_statement_pool(engine: Engine, size: int) -> None:
+    """Give the engine a statement pool keeping `size` connections. Disposing of the engine
+    (its end, or a gunicorn worker's first step after fork, see taskapp.runtime) closes the
+    pool and puts an empty one with the same settings in its place."""
+    with _statement_pools_lock:
+        _new_statement_pool(engine, size)
 
 
 def statement_pool(engine: Engine) -> StatementPool:
-    """The engine's statement pool, made on first use in each process (never shared across
-    fork) and closed when the engine is disposed."""
-    entry = _statement_pools.get(engine)
-    if entry is not None and entry[0] == os.getpid():
-        return entry[1]
+    """The engine's statement pool; an engine made without init_database (tests, tools) gets
+    one the size of its own pool on first use."""
+    pool = _statement_pools.get(engine)
+    if pool is None:
+        with _statement_pools_lock:
+            pool = _statement_pools.get(engine) or _new_statement_pool(engine, engine.pool.size())
+    return pool
+
+
+def _new_statement_pool(engine: Engine, size: int) -> StatementPool:
+    # The caller holds _statement_pools_lock.
+    pool = StatementPool(engine, size, timeout=engine.pool.timeout(), recycle=RECYCLE_AFTER_SECONDS)
+    _statement_pools[engine] = pool
+    if not event.contains(engine, "engine_disposed", _renew_statement_pool):
+        event.listen(engine, "engine_disposed", _renew_statement_pool)
+    return pool
+
+
+def _renew_statement_pool(engine: Engine) -> None:
     with _statement_pools_lock:
-        entry = _statement_pools.get(engine)
-        if entry is None or entry[0] != os.getpid():
-            pool = StatementPool(
-                engine,
-                size=_statement_pool_sizes.get(engine) or engine.pool.size(),
-                timeout=engine.pool.timeout(),
-                recycle=RECYCLE_AFTER_SECONDS,
-            )
-            if not event.contains(engine, "engine_disposed", _close_statement_pool):
-                event.listen(engine, "engine_disposed", _close_statement_pool)
-            entry = _statement_pools[engine] = (os.getpid(), pool)
-        return entry[1]
-
-
-def _close_statement_pool(engine: Engine) -> None:
-    entry = _statement_pools.pop(engine, None)
-    if entry is not None and entry[0] == os.getpid():
-        entry[1].close()
+        old = _statement_pools.get(engine)
+        if old is None:
+            return
+        _statement_pools[engine] = old.successor()
+    old.close()
 
 
 def autocommit_connection(engine: Engine) -> AbstractContextManager[psycopg.Connection[Any]]:
@@ -287,7 +303,7 @@ def init_database(app: Flask) -> None:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     with app.app_context():
         ping_idle_connections(db.engine)
-        size_statement_pool(db.engine, statement_pool_size(settings))
+        attach_statement_pool(db.engine, statement_pool_size(settings))
 
 
 def upgrade_schema(app: Flask) -> None:

@@ -145,3 +145,15 @@ def test_several_gunicorn_workers_are_several_instances(instances, workers):
         return {instance.status()["instance_id"] for _ in range(30)}
 
     wait_for(lambda: len(distinct_ids()) == workers, timeout=15, what="both workers answering")
+
+
+def test_an_app_preloaded_before_fork_serves_and_processes(instances):
+    # With --preload the master builds the app (engine, statement pool) and the worker inherits
+    # it: post_fork disposes of the engine, which gives the worker a fresh statement pool.
+    instance = instances(GUNICORN_CMD_ARGS="--preload")
+    task = create_task(instance.url, "preloaded", conversations=2)
+    done = wait_for(
+        lambda: (t := get_task(instance.url, task["id"]))["status"] == "completed" and t,
+        timeout=15,
+    )
+    assert [c["status"] for c in done["conversations"]] == ["processed", "processed"]

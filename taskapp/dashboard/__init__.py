@@ -34,7 +34,7 @@ def _page_context() -> dict[str, object]:
         "key_in_links": guarded,
         "asset_key": request.args.get(KEY_PARAM) if guarded else None,
         "keys_required": bool(settings.api_keys),
-        # The worker beats every lease/3 seconds, at most 5 (see taskapp.worker).
+        # The page judges an instance's liveness by how often it should beat.
         "heartbeat_seconds": settings.heartbeat_seconds,
     }
 
