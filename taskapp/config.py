@@ -61,7 +61,8 @@ class Settings:
     auto_migrate: bool = True
     max_content_length: int = 1024 * 1024
     max_event_streams: int = 100
-    db_pool_size: int | None = None
+    # Every statement of an instance shares this pool; see database.connection_budget.
+    db_pool_size: int = 20
     event_keepalive_seconds: float = 15.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 

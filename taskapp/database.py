@@ -1,4 +1,15 @@
-"""The database engine, and the schema brought up to date under an advisory lock."""
+"""The one way into PostgreSQL: a Database gateway with one connection pool and named statements.
+
+create_app makes one `Database` and hands it to everything that talks to PostgreSQL: the
+services behind the routes, the queue, the worker, the listener and the metrics. Every
+statement comes from taskapp/sql/*.sql (taskapp.statements) and runs on a pooled psycopg
+connection in autocommit; a write of several statements runs in `transaction()`. The only
+other connection an instance opens is the listener's, for LISTEN.
+
+Flask-SQLAlchemy's models stay the schema of record that Alembic migrations are generated
+from; its engine has no pool (NullPool) and is used only by the schema upgrade at start, before
+this pool opens any connection. So one instance holds at most `DB_POOL_SIZE + 1` connections.
+"""
 
 from __future__ import annotations
 
@@ -6,109 +17,72 @@ import logging
 import os
 import threading
 import time
-import weakref
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from flask import Flask
+from flask import Flask, current_app
+from psycopg import sql
 from psycopg.pq import TransactionStatus
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from psycopg.rows import RowFactory, namedtuple_row
+from sqlalchemy.pool import NullPool
 
 from . import models  # noqa: F401  (registers the tables on db.metadata)
 from .config import Settings
 from .extensions import db, migrate
+from .statements import statement
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
-
+EXTENSION_KEY = "taskapp.database"
 
 # A connection back in use within this time is not pinged: it just worked. One idle for longer
 # (through an outage, a restart, a terminated backend) is pinged, and replaced if dead.
 PING_AFTER_IDLE_SECONDS = 1.0
 # Connections are closed and replaced after this long (server-side state and memory stay fresh).
 RECYCLE_AFTER_SECONDS = 1800
-# Connections beyond the pool's size opened for a burst, closed when they come back.
-POOL_OVERFLOW = 10
-# The engine's own pool serves only the transactions of the less frequent writes (delete,
-# retry, cancel, conversations) and health checks; statements have a pool of their own.
-TRANSACTION_POOL_SIZE = 5
+# How long a statement waits for a free connection before it fails (a 503 for a request).
+POOL_TIMEOUT_SECONDS = 5.0
+
+# A client that vanishes mid-transaction (network cut before COMMIT) must not keep a task's
+# row locked, which claims and the rescuer would skip, for hours: the server drops idle
+# transactions and probes dead peers.
+SESSION_OPTIONS = (
+    "-c timezone=UTC -c idle_in_transaction_session_timeout=60000"
+    " -c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+)
 
 
-def statement_pool_size(settings: Settings) -> int:
-    """Connections the statement pool keeps: enough that a burst of requests and the worker
-    threads reuse connections instead of opening new ones (it only grows as the load asks)."""
-    return settings.db_pool_size or settings.worker_concurrency + 20
+def conninfo(database_url: str) -> str:
+    """The libpq form of a `postgresql+psycopg://` URL."""
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def engine_options(settings: Settings) -> dict[str, object]:
-    return {
-        "pool_size": TRANSACTION_POOL_SIZE,
-        "max_overflow": POOL_OVERFLOW,
-        "pool_timeout": 5,
-        "pool_recycle": RECYCLE_AFTER_SECONDS,
-        "connect_args": {
-            "connect_timeout": 5,
-            # A client that vanishes mid-transaction (network cut before COMMIT) must not
-            # keep a task's row locked, which claims and the rescuer would skip, for hours:
-            # the server drops idle transactions and probes dead peers.
-            "options": (
-                "-c timezone=UTC -c idle_in_transaction_session_timeout=60000"
-                " -c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5"
-                " -c tcp_keepalives_count=3"
-            ),
-            "application_name": f"taskapp:{settings.instance_id[:8]}",
-        },
-    }
+class PoolTimeout(psycopg.OperationalError):
+    """Every connection of the pool stayed busy for the whole pool timeout."""
 
 
-def ping_idle_connections(engine: Engine) -> None:
-    """Like pool_pre_ping, but only for connections idle a while: no extra round trip per
-    request under load, and still no request handed a connection that died while idle."""
+class Pool:
+    """Autocommit psycopg connections, at most `size` of them.
 
-    @event.listens_for(engine, "checkin")
-    def _checked_in(dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        idle_since = record.info.get("idle_since")
-        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except Exception as exc:
-            raise DisconnectionError() from exc  # the pool discards it and tries another
-
-
-class StatementPoolTimeout(psycopg.OperationalError):
-    """Every connection of the statement pool stayed busy for the whole pool timeout."""
-
-
-class StatementPool:
-    """Autocommit psycopg connections for the statements that need no transaction.
-
-    The hottest paths (task reads, single-statement writes, the queue) run one statement per
-    connection checkout. Through SQLAlchemy's pool each checkout also toggled autocommit,
-    rolled back on return and ran pool events: a sixth of a GET's CPU in the worker process.
-    Here a checkout is a list pop under a lock; connections stay in autocommit.
-
-    Connections are opened through the engine (its connect arguments and timeouts), then
-    detached from its pool. Unlike a pool that reconnects in the background while callers wait
-    (psycopg_pool), a checkout that needs a new connection opens it at once, so a database that
-    is down fails a request in milliseconds, not after the pool timeout.
+    A checkout is a list pop under a lock: through SQLAlchemy's pool each checkout also
+    toggled autocommit, rolled back on return and ran pool events, a sixth of a GET's CPU.
+    Unlike a pool that reconnects in the background while callers wait (psycopg_pool), a
+    checkout that needs a new connection opens it at once, so a database that is down fails
+    a request in milliseconds, not after the pool timeout.
     """
 
-    def __init__(self, engine: Engine, size: int, timeout: float, recycle: float) -> None:
-        self._engine = engine
+    def __init__(
+        self, conninfo: str, size: int, timeout: float, recycle: float, application_name: str
+    ) -> None:
+        self._conninfo = conninfo
         self._size = size
-        self._max_size = size + POOL_OVERFLOW
         self._timeout = timeout
         self._recycle = recycle
+        self._application_name = application_name
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
         self._waiting = 0
@@ -119,23 +93,28 @@ class StatementPool:
         self._closed = False
         self._pid = os.getpid()
 
+    @property
+    def size(self) -> int:
+        return self._size
+
     def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A connection for the block, returned to the pool after it (closed if it broke)."""
         return _Checkout(self)
 
     def stats(self) -> dict[str, int]:
-        """Connections checked out, idle, and the most there may be (for /status)."""
+        """Connections checked out, idle, and the most there may be."""
         with self._lock:
-            return {"in_use": self._in_use, "idle": len(self._idle), "max": self._max_size}
+            return {"in_use": self._in_use, "idle": len(self._idle), "max": self._size}
 
-    def successor(self) -> StatementPool:
+    def successor(self) -> Pool:
         """An empty pool with the same settings, to take over from this one."""
-        return StatementPool(self._engine, self._size, self._timeout, self._recycle)
+        return Pool(
+            self._conninfo, self._size, self._timeout, self._recycle, self._application_name
+        )
 
     def close(self) -> None:
         """Close the idle connections, and each busy one when it comes back. In a forked
-        child they belong to the parent: they are only forgotten, as SQLAlchemy's
-        dispose(close=False) does."""
+        child they belong to the parent: they are only forgotten."""
         self._closed = True
         if os.getpid() == self._pid:
             self._discard_idle()
@@ -144,7 +123,7 @@ class StatementPool:
 
     def _checkout(self) -> tuple[psycopg.Connection[Any], float]:
         with self._lock:
-            if self._in_use >= self._max_size:
+            if self._in_use >= self._size:
                 self._wait_for_a_free_slot()
             self._in_use += 1
             entry = self._idle.pop() if self._idle else None
@@ -158,12 +137,10 @@ class StatementPool:
         deadline = time.monotonic() + self._timeout
         self._waiting += 1
         try:
-            while self._in_use >= self._max_size:
+            while self._in_use >= self._size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._freed.wait(remaining):
-                    raise StatementPoolTimeout(
-                        f"no database connection free within {self._timeout:g}s"
-                    )
+                    raise PoolTimeout(f"no database connection free within {self._timeout:g}s")
         finally:
             self._waiting -= 1
 
@@ -181,9 +158,8 @@ class StatementPool:
 
     def _checkin(self, conn: psycopg.Connection[Any], opened_at: float, failed: bool) -> None:
         if failed and (conn.broken or conn.closed):
-            # As SQLAlchemy does on a disconnect: the connections opened before this one are
-            # presumed gone too (a restart, a failover, every backend terminated), so they
-            # are replaced instead of failing a request each.
+            # The connections opened before this one are presumed gone too (a restart, a
+            # failover, every backend terminated): replaced instead of failing a request each.
             self._discard_idle()
         now = time.monotonic()
         reusable = (
@@ -193,11 +169,10 @@ class StatementPool:
             and now - opened_at < self._recycle
         )
         with self._lock:
-            kept = reusable and len(self._idle) < self._size
-            if kept:
+            if reusable:
                 self._idle.append((conn, opened_at, now))
             self._free_slot()
-        if not kept:
+        if not reusable:
             conn.close()
 
     def _release_slot(self) -> None:
@@ -216,11 +191,13 @@ class StatementPool:
             conn.close()
 
     def _open(self) -> psycopg.Connection[Any]:
-        pooled = self._engine.raw_connection()
-        conn: psycopg.Connection[Any] = pooled.driver_connection
-        pooled.detach()  # ours from now on; the engine's pool opens another when it needs one
-        conn.autocommit = True
-        return conn
+        return psycopg.connect(
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=5,
+            options=SESSION_OPTIONS,
+            application_name=self._application_name,
+        )
 
 
 def _alive(conn: psycopg.Connection[Any]) -> bool:
@@ -237,7 +214,7 @@ class _Checkout:
 
     __slots__ = ("_conn", "_opened_at", "_pool")
 
-    def __init__(self, pool: StatementPool) -> None:
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
 
     def __enter__(self) -> psycopg.Connection[Any]:
@@ -248,62 +225,144 @@ class _Checkout:
         self._pool._checkin(self._conn, self._opened_at, failed=exc_type is not None)
 
 
-_statement_pools: weakref.WeakKeyDictionary[Engine, StatementPool] = weakref.WeakKeyDictionary()
-_statement_pools_lock = threading.Lock()
+class Database:
+    """An instance's way into PostgreSQL: its pool, its named statements, its LISTEN conninfo."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        pool_size: int,
+        pool_timeout: float = POOL_TIMEOUT_SECONDS,
+        application_name: str = "taskapp",
+    ) -> None:
+        self.conninfo = conninfo(database_url)
+        # The listener's own connection (LISTEN needs a session of its own).
+        self.listen_conninfo = self.conninfo
+        self._lock = threading.Lock()
+        self._pool = Pool(
+            self.conninfo, pool_size, pool_timeout, RECYCLE_AFTER_SECONDS, application_name
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        return cls(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            application_name=f"taskapp:{settings.instance_id[:8]}",
+        )
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit (a `conn.transaction()` block still makes one)."""
+        return self._pool.connection()
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection inside a transaction, committed when the block ends."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def fetch(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        row_factory: RowFactory[Any] = namedtuple_row,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> list[Any]:
+        """Run one named statement (on `conn`, or autocommitted on its own) and return its
+        rows (none for a plain write)."""
+        if conn is not None:
+            return _fetch(conn, statement(name), params, row_factory)
+        with self._pool.connection() as own:
+            return _fetch(own, statement(name), params, row_factory)
+
+    def fetchone(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        row_factory: RowFactory[Any] = namedtuple_row,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> Any | None:
+        """The first row of a named statement, or None."""
+        rows = self.fetch(name, params, row_factory=row_factory, conn=conn)
+        return rows[0] if rows else None
+
+    def listen_connection(self) -> psycopg.Connection[Any]:
+        """A dedicated connection for LISTEN, outside the pool (it is held for good)."""
+        return psycopg.connect(
+            self.listen_conninfo,
+            autocommit=True,
+            connect_timeout=5,
+            application_name="taskapp-listener",
+        )
+
+    def listen(
+        self, conn: psycopg.Connection[Any], channel: str, *, listening: bool = True
+    ) -> None:
+        """LISTEN (or UNLISTEN) on a channel of the listener's connection."""
+        verb = sql.SQL("LISTEN {}" if listening else "UNLISTEN {}")
+        conn.execute(verb.format(sql.Identifier(channel)))
+
+    def notify(self, channel: str) -> None:
+        """An empty NOTIFY on `channel`, sent at once."""
+        self.fetch("notify", {"channel": channel})
+
+    def stats(self) -> dict[str, int]:
+        """The pool's connections in use, idle, and the most there may be."""
+        return self._pool.stats()
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections this instance opens: the pool's and the listener's one."""
+        return self._pool.size + 1
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections, open our own from now on."""
+        with self._lock:
+            old, self._pool = self._pool, self._pool.successor()
+        old.close()
+
+    def close(self) -> None:
+        """Close the idle connections, and the busy ones when they come back."""
+        with self._lock:
+            old, self._pool = self._pool, self._pool.successor()
+        old.close()
 
 
-def attach_statement_pool(engine: Engine, size: int) -> None:
-    """Give the engine a statement pool keeping `size` connections. Disposing of the engine
-    (its end, or a gunicorn worker's first step after fork, see taskapp.runtime) closes the
-    pool and puts an empty one with the same settings in its place."""
-    with _statement_pools_lock:
-        _new_statement_pool(engine, size)
+def _fetch(
+    conn: psycopg.Connection[Any],
+    sql: str,
+    params: dict[str, Any] | None,
+    row_factory: RowFactory[Any],
+) -> list[Any]:
+    with conn.cursor(row_factory=row_factory) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
 
 
-def statement_pool(engine: Engine) -> StatementPool:
-    """The engine's statement pool; an engine made without init_database (tests, tools) gets
-    one the size of its own pool on first use."""
-    pool = _statement_pools.get(engine)
-    if pool is None:
-        with _statement_pools_lock:
-            pool = _statement_pools.get(engine) or _new_statement_pool(engine, engine.pool.size())
-    return pool
-
-
-def _new_statement_pool(engine: Engine, size: int) -> StatementPool:
-    # The caller holds _statement_pools_lock.
-    pool = StatementPool(engine, size, timeout=engine.pool.timeout(), recycle=RECYCLE_AFTER_SECONDS)
-    _statement_pools[engine] = pool
-    if not event.contains(engine, "engine_disposed", _renew_statement_pool):
-        event.listen(engine, "engine_disposed", _renew_statement_pool)
-    return pool
-
-
-def _renew_statement_pool(engine: Engine) -> None:
-    with _statement_pools_lock:
-        old = _statement_pools.get(engine)
-        if old is None:
-            return
-        _statement_pools[engine] = old.successor()
-    old.close()
-
-
-def autocommit_connection(engine: Engine) -> AbstractContextManager[psycopg.Connection[Any]]:
-    """A pooled psycopg connection in autocommit mode, for statements that need no transaction
-    (a `conn.transaction()` block still makes one): no BEGIN/COMMIT round trips and none of
-    SQLAlchemy's per-statement bookkeeping."""
-    return statement_pool(engine).connection()
+def get_database(app: Flask | None = None) -> Database:
+    """The app's Database (the current app's by default)."""
+    database: Database = (app or current_app).extensions[EXTENSION_KEY]
+    return database
 
 
 def init_database(app: Flask) -> None:
     settings: Settings = app.config["TASKAPP"]
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.database_url
-    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(settings)
+    # The engine only runs migrations: no pool, so it holds no connection once they are done.
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+        "poolclass": NullPool,
+        "connect_args": {"connect_timeout": 5, "options": SESSION_OPTIONS},
+    }
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
-    with app.app_context():
-        ping_idle_connections(db.engine)
-        attach_statement_pool(db.engine, statement_pool_size(settings))
+    app.extensions[EXTENSION_KEY] = Database.from_settings(settings)
 
 
 def upgrade_schema(app: Flask) -> None:

@@ -10,8 +10,6 @@ from typing import Any
 import psycopg
 from flask import Flask, Response, current_app, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -109,15 +107,6 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _rollback() -> None:
-    from .extensions import db
-
-    try:
-        db.session.rollback()
-    except Exception:  # the connection may be the thing that broke; teardown discards it anyway
-        log.debug("rollback after an error failed", exc_info=True)
-
-
 def _handle_http(error: HTTPException) -> Response | HTTPException:
     if error.code is None or error.code < 400:
         return error  # a routing redirect is a response in its own right
@@ -137,7 +126,6 @@ def _handle_validation(error: ValidationError) -> Response:
 
 
 def _database_unavailable(error: Exception) -> Response:
-    _rollback()
     log.warning("database unavailable on %s %s: %s", request.method, request.path, error)
     return problem(
         503,
@@ -146,50 +134,26 @@ def _database_unavailable(error: Exception) -> Response:
     )
 
 
-# SQLAlchemy wraps the driver's errors; statements run on a raw psycopg connection
-# (database.autocommit_connection) raise psycopg's own. Either way, a lost or unreachable
-# database is a 503, anything else a bug.
-_UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+# A lost or unreachable database (or no pooled connection free in time) is a 503; any other
+# database error is a bug.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
-def _handle_database_error(error: DBAPIError | psycopg.Error) -> Response:
-    if isinstance(error, _UNAVAILABLE) or getattr(error, "connection_invalidated", False):
+def _handle_database_error(error: psycopg.Error) -> Response:
+    if isinstance(error, _UNAVAILABLE):
         return _database_unavailable(error)
     return _handle_unexpected(error)
 
 
 def _handle_unexpected(error: Exception) -> Response:
-    _rollback()
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
     return problem(500, "The server hit an unexpected error; it has been logged.")
 
 
-def _close_session(error: BaseException | None) -> None:
-    # Runs before Flask-SQLAlchemy's own teardown (teardowns run in reverse order of
-    # registration, and init_database comes first). If the database dropped the connection
-    # after the response was made, the ROLLBACK that closing issues fails; that must not turn
-    # a finished response into the server's HTML 500.
-    from .extensions import db
-
-    if not db.session.registry.has():
-        return  # the request used no session (reads run on raw autocommit connections)
-    try:
-        db.session.close()
-    except Exception:
-        log.warning("closing a database session failed; its connection is discarded", exc_info=True)
-        try:
-            db.session.invalidate()
-        except Exception:
-            log.debug("invalidating the session failed too", exc_info=True)
-
-
 def init_app(app: Flask) -> None:
-    """Register the problem+json handlers, and a session teardown that cannot fail a response."""
-    app.teardown_appcontext(_close_session)
+    """Register the problem+json handlers."""
     app.register_error_handler(HTTPException, _handle_http)
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(ValidationError, _handle_validation)
-    app.register_error_handler(DBAPIError, _handle_database_error)
     app.register_error_handler(psycopg.Error, _handle_database_error)
-    app.register_error_handler(PoolTimeoutError, _database_unavailable)
     app.register_error_handler(Exception, _handle_unexpected)

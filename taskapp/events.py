@@ -1,5 +1,6 @@
-"""Change events: published with NOTIFY inside the changing transaction, fanned out by each
-instance's listener to its Server-Sent Events and WebSocket clients."""
+"""Change events: published inside the changing statement by taskapp_publish() (the one
+definition of an event's JSON, migration 0004), fanned out by each instance's listener to its
+Server-Sent Events and WebSocket clients."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import text
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
-from .database import autocommit_connection
+from .database import Database
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +23,8 @@ EVENTS_CHANNEL = "taskapp_events"
 # Sent when a task becomes claimable, so an idle worker anywhere wakes at once.
 WAKEUP_CHANNEL = "taskapp_wakeup"
 
+# Every event type, in the order the docs list them (the OpenAPI spec and the dashboard read
+# this tuple; the statements in taskapp/sql/ name them when they publish).
 EVENT_TYPES = (
     "task.created",
     "task.updated",
@@ -38,72 +37,6 @@ EVENT_TYPES = (
     "conversation.created",
     "conversation.updated",
 )
-
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
-
-
-def publish_sql(event_type: str, row: str) -> str:
-    """SQL that publishes an event about the task row `row` from inside a statement, like
-    publish() does from Python; the statement passes the instance id as %(instance_id)s."""
-    assert event_type in EVENT_TYPES, event_type
-    return (
-        f"pg_notify('{EVENTS_CHANNEL}', json_build_object("
-        f"'type', '{event_type}', 'task_id', {row}.id, 'status', {row}.status,"
-        " 'instance_id', CAST(%(instance_id)s AS text), 'at', now())::text)"
-    )
-
-
-def event_payload(
-    event_type: str,
-    *,
-    task_id: int,
-    status: str | None,
-    instance_id: str | None,
-    conversation_id: int | None = None,
-) -> str:
-    """The JSON text of one event (small: NOTIFY payloads are capped at 8000 bytes)."""
-    event: dict[str, object] = {
-        "type": event_type,
-        "task_id": task_id,
-        "status": status,
-        "instance_id": instance_id,
-        "at": datetime.now(UTC).isoformat(),
-    }
-    if conversation_id is not None:
-        event["conversation_id"] = conversation_id
-    return json.dumps(event)
-
-
-def publish(
-    executor: Session | Connection,
-    event_type: str,
-    *,
-    task_id: int,
-    status: str | None,
-    instance_id: str | None,
-    conversation_id: int | None = None,
-) -> None:
-    """Queue an event on the current transaction: it is delivered only if that commits."""
-    assert event_type in EVENT_TYPES, event_type
-    payload = event_payload(
-        event_type,
-        task_id=task_id,
-        status=status,
-        instance_id=instance_id,
-        conversation_id=conversation_id,
-    )
-    executor.execute(_NOTIFY, {"channel": EVENTS_CHANNEL, "payload": payload})
-
-
-def send_notify(engine: Engine, channel: str) -> None:
-    """An empty NOTIFY on `channel`, sent at once on a pooled connection."""
-    with autocommit_connection(engine) as conn:
-        conn.execute("SELECT pg_notify(%s, '')", (channel,))
-
-
-def wake_workers(executor: Session | Connection) -> None:
-    """Tell every instance's idle workers that a task may be claimable now (on commit)."""
-    executor.execute(_NOTIFY, {"channel": WAKEUP_CHANNEL, "payload": ""})
 
 
 class TooManyStreams(Exception):
@@ -207,17 +140,10 @@ class Listener:
     starts; after the last one ends the listener stops listening.
     """
 
-    def __init__(
-        self,
-        database_url: str,
-        broker: Broker,
-        on_wakeup: Callable[[], None],
-        send_notify: Callable[[str], None],
-    ) -> None:
-        self.conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    def __init__(self, database: Database, broker: Broker, on_wakeup: Callable[[], None]) -> None:
+        self.database = database
         self.broker = broker
         self.on_wakeup = on_wakeup
-        self.send_notify = send_notify
         # This listener's own channel: a NOTIFY on it wakes the loop to listen for events.
         self.control_channel = f"taskapp_listener_{uuid.uuid4().hex}"
         self._stop = threading.Event()
@@ -239,7 +165,7 @@ class Listener:
         if self.listening_to_events.is_set():
             return True
         try:
-            self.send_notify(self.control_channel)
+            self.database.notify(self.control_channel)
         except Exception as exc:
             log.warning("could not wake the event listener: %s", exc)
         return self.listening_to_events.wait(timeout)
@@ -248,14 +174,9 @@ class Listener:
         delay = 0.1
         while not self._stop.is_set():
             try:
-                with psycopg.connect(
-                    self.conninfo,
-                    autocommit=True,
-                    connect_timeout=5,
-                    application_name="taskapp-listener",
-                ) as conn:
-                    conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
-                    conn.execute(f"LISTEN {self.control_channel}")
+                with self.database.listen_connection() as conn:
+                    self.database.listen(conn, WAKEUP_CHANNEL)
+                    self.database.listen(conn, self.control_channel)
                     self.connected.set()
                     delay = 0.1
                     self.on_wakeup()
@@ -266,7 +187,7 @@ class Listener:
                                 break  # a stream wants events: listen for them now
                             self._dispatch(notify.channel, notify.payload)
                         # An idle connection can die silently; a cheap query finds out.
-                        conn.execute("SELECT 1")
+                        self.database.fetch("ping", conn=conn)
             except Exception as exc:
                 self.connected.clear()
                 self.listening_to_events.clear()
@@ -279,10 +200,10 @@ class Listener:
     def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
         wanted = self.broker.open_streams > 0
         if wanted and not self.listening_to_events.is_set():
-            conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+            self.database.listen(conn, EVENTS_CHANNEL)
             self.listening_to_events.set()
         elif not wanted and self.listening_to_events.is_set():
-            conn.execute(f"UNLISTEN {EVENTS_CHANNEL}")
+            self.database.listen(conn, EVENTS_CHANNEL, listening=False)
             self.listening_to_events.clear()
 
     def _dispatch(self, channel: str, payload: str) -> None:

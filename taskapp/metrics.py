@@ -19,7 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy.engine import Engine
+
+from .database import Database
 
 TASKS_CLAIMED = Counter("taskapp_tasks_claimed", "Tasks claimed by a worker (attempts started)")
 TASKS_COMPLETED = Counter("taskapp_tasks_completed", "Tasks completed")
@@ -63,26 +64,41 @@ def tasks_rescued(count: int) -> None:
 
 
 class QueueCollector(Collector):
-    """Queue depth by status and the age of the oldest due task, read when scraped."""
+    """Queue depth by status and the age of the oldest due task, read when scraped; and the
+    scraped process's database connections."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from . import queue
 
         depth = GaugeMetricFamily("taskapp_queue_tasks", "Tasks by status", labels=["status"])
-        for status, count in queue.queue_counts(self.engine).items():
+        for status, count in queue.queue_counts(self.database).items():
             depth.add_metric([status], count)
         yield depth
         yield GaugeMetricFamily(
             "taskapp_queue_oldest_pending_age_seconds",
             "Seconds the oldest due pending task has waited",
-            value=queue.oldest_pending_age(self.engine),
+            value=queue.oldest_pending_age(self.database),
+        )
+        pool = self.database.stats()
+        connections = GaugeMetricFamily(
+            "taskapp_db_pool_connections",
+            "This instance's pooled database connections",
+            labels=["state"],
+        )
+        connections.add_metric(["in_use"], pool["in_use"])
+        connections.add_metric(["idle"], pool["idle"])
+        yield connections
+        yield GaugeMetricFamily(
+            "taskapp_db_connections_max",
+            "The most connections this instance opens: DB_POOL_SIZE and the listener's one",
+            value=self.database.max_connections,
         )
 
 
-def render(engine: Engine) -> Response:
+def render(database: Database) -> Response:
     """The /metrics page: this cluster's queue, and every local process's counters."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
@@ -91,7 +107,7 @@ def render(engine: Engine) -> Response:
     else:
         counters = generate_latest(REGISTRY)
     queue_registry = CollectorRegistry()
-    queue_registry.register(QueueCollector(engine))
+    queue_registry.register(QueueCollector(database))
     return Response(generate_latest(queue_registry) + counters, content_type=CONTENT_TYPE_LATEST)
 
 

@@ -6,7 +6,6 @@ indexes serve the queue's claim and rescue statements (see taskapp/sql/).
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime
 from typing import Any
@@ -31,27 +30,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .extensions import db
-
-
-class TaskStatus(enum.StrEnum):
-    PENDING = "pending"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class ConversationStatus(enum.StrEnum):
-    ACTIVE = "active"
-    PROCESSED = "processed"
-
-
-def _in(column: str, values: type[enum.StrEnum]) -> str:
-    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
-
+from .states import ConversationStatus, TaskStatus, sql_in
 
 TITLE_MAX_LENGTH = 255
-ERROR_HISTORY_LIMIT = 20
 
 
 class Task(db.Model):
@@ -89,7 +70,7 @@ class Task(db.Model):
     )
 
     __table_args__ = (
-        CheckConstraint(_in("status", TaskStatus), name="status_valid"),
+        CheckConstraint(sql_in("status", TaskStatus), name="status_valid"),
         CheckConstraint("length(btrim(title)) > 0", name="title_not_blank"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
         CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
@@ -136,13 +117,13 @@ class Conversation(db.Model):
     task: Mapped[Task] = relationship(back_populates="conversations")
 
     __table_args__ = (
-        CheckConstraint(_in("status", ConversationStatus), name="status_valid"),
+        CheckConstraint(sql_in("status", ConversationStatus), name="status_valid"),
         CheckConstraint("length(content) > 0", name="content_not_empty"),
     )
 
 
 class TaskError(db.Model):
-    """One failed attempt of a task; the newest ERROR_HISTORY_LIMIT are kept per task."""
+    """One failed attempt of a task; the queue's fail statement keeps the newest few."""
 
     __tablename__ = "task_errors"
 

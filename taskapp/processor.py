@@ -1,4 +1,9 @@
-"""The work done for a task: the built-in simulation, or the function TASK_PROCESSOR names."""
+"""The processor's contract: what a processor is given, and how TASK_PROCESSOR is loaded.
+
+A processor is `function(task)`: it gets a read-only TaskSnapshot taken at claim time and runs
+outside any database transaction. Returning completes the task; raising fails the attempt
+(retried with backoff while attempts remain). The built-in processor simulates work.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,28 @@ import importlib
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .config import ConfigError, Settings
-from .queue import TaskSnapshot
+
+
+@dataclass(frozen=True)
+class ConversationSnapshot:
+    id: int
+    content: str
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """What a processor sees of a task: a read-only copy taken at claim time."""
+
+    id: int
+    title: str
+    description: str | None
+    priority: int
+    attempts: int
+    conversations: tuple[ConversationSnapshot, ...]
+
 
 Processor = Callable[[TaskSnapshot], object]
 
@@ -33,4 +57,5 @@ def load_processor(settings: Settings) -> Processor:
     if function is simulate_work:
         low, high = settings.processing_min_seconds, settings.processing_max_seconds
         return lambda task: simulate_work(task, min_seconds=low, max_seconds=high)
-    return function
+    processor: Processor = function
+    return processor

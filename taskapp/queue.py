@@ -1,72 +1,35 @@
 """The queue's verbs: claim, complete, fail, release, renew, rescue, heartbeat.
 
-Each verb runs one named statement from sql/queue.sql, autocommitted on its own, straight on a
-pooled psycopg connection: no ORM unit of work and none of SQLAlchemy's per-statement
-bookkeeping on the worker's hot path. Completion, failure and release are fenced by the
+Each verb runs one named statement from sql/queue.sql through the Database gateway,
+autocommitted on its own. Completion, failure and release are fenced by the
 claim's lease token: a worker that lost its lease changes nothing.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from psycopg.rows import RowFactory, dict_row, namedtuple_row
-from sqlalchemy.engine import Engine
+from psycopg.rows import dict_row
 
-from .database import autocommit_connection
-from .models import ERROR_HISTORY_LIMIT
+from .database import Database
+from .processor import ConversationSnapshot, TaskSnapshot
+from .states import TaskStatus
 
-_SQL_FILE = Path(__file__).with_name("sql") / "queue.sql"
-
-
-def _load_statements(path: Path) -> dict[str, str]:
-    """Split the file on '-- name: X' markers into named statements, their `:name`
-    parameters written as psycopg's `%(name)s` (`::type` casts are left alone)."""
-    statements: dict[str, str] = {}
-    for chunk in re.split(r"^-- name: ", path.read_text(), flags=re.MULTILINE)[1:]:
-        name, _, body = chunk.partition("\n")
-        body = body.strip().rstrip(";").replace("%", "%%")
-        statements[name.strip()] = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", body)
-    return statements
+# Failed attempts kept per task (the fail statement trims older ones).
+ERROR_HISTORY_LIMIT = 20
+MAX_RETRY_DELAY_SECONDS = 3600.0
 
 
-STATEMENTS = _load_statements(_SQL_FILE)
-
-
-def _run(
-    engine: Engine,
-    name: str,
-    params: dict[str, Any] | None = None,
-    row_factory: RowFactory[Any] = namedtuple_row,
-) -> list[Any]:
-    """Run one named statement, autocommitted, and return its rows (none for a plain write)."""
-    with autocommit_connection(engine) as conn, conn.cursor(row_factory=row_factory) as cursor:
-        cursor.execute(STATEMENTS[name], params)
-        return cursor.fetchall() if cursor.description else []
-
-
-@dataclass(frozen=True)
-class ConversationSnapshot:
-    id: int
-    content: str
-
-
-@dataclass(frozen=True)
-class TaskSnapshot:
-    """What a processor sees of a task: a read-only copy taken at claim time."""
-
-    id: int
-    title: str
-    description: str | None
-    priority: int
-    attempts: int
-    conversations: tuple[ConversationSnapshot, ...]
+def retry_delay(base_seconds: float, attempt: int) -> float:
+    """The backoff after a failed attempt, applied by the fail statement: about
+    base * 2^(attempt-1), ±25 % so that retries of a burst spread out."""
+    delay = base_seconds * 2 ** max(attempt - 1, 0)
+    return min(delay * random.uniform(0.75, 1.25), MAX_RETRY_DELAY_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -86,30 +49,29 @@ class Outcome:
     status: str | None = None
 
 
-def claim(engine: Engine, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
+def claim(database: Database, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
     """Lease up to `limit` of the most urgent due pending tasks to this instance."""
-    _, claims = _complete_and_claim(engine, None, instance_id, limit, lease_seconds)
+    _, claims = _complete_and_claim(database, None, instance_id, limit, lease_seconds)
     return claims
 
 
 def complete_and_claim(
-    engine: Engine, claimed: Claim, *, instance_id: str, limit: int, lease_seconds: float
+    database: Database, claimed: Claim, *, instance_id: str, limit: int, lease_seconds: float
 ) -> tuple[Outcome, list[Claim]]:
     """Complete a task and claim the next ones in one statement (the worker's busy path)."""
-    return _complete_and_claim(engine, claimed, instance_id, limit, lease_seconds)
+    return _complete_and_claim(database, claimed, instance_id, limit, lease_seconds)
 
 
-def complete(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
+def complete(database: Database, claimed: Claim, *, instance_id: str) -> Outcome:
     """Complete a task, every conversation processed, for the holder of its lease."""
-    outcome, _ = _complete_and_claim(engine, claimed, instance_id, 0, 0)
+    outcome, _ = _complete_and_claim(database, claimed, instance_id, 0, 0)
     return outcome
 
 
 def _complete_and_claim(
-    engine: Engine, claimed: Claim | None, instance_id: str, limit: int, lease_seconds: float
+    database: Database, claimed: Claim | None, instance_id: str, limit: int, lease_seconds: float
 ) -> tuple[Outcome, list[Claim]]:
-    rows = _run(
-        engine,
+    rows = database.fetch(
         "complete_and_claim",
         {
             "task_id": claimed.task.id if claimed else None,
@@ -146,11 +108,10 @@ def _claims(rows: list[Any]) -> list[Claim]:
 
 
 def _fenced(
-    engine: Engine, statement: str, claimed: Claim, instance_id: str, **params: object
+    database: Database, statement: str, claimed: Claim, instance_id: str, **params: object
 ) -> Any | None:
     """Run a write about a claimed task; it matches no row once the lease is lost."""
-    rows = _run(
-        engine,
+    rows = database.fetch(
         statement,
         {
             "task_id": claimed.task.id,
@@ -163,32 +124,37 @@ def _fenced(
 
 
 def fail(
-    engine: Engine, claimed: Claim, *, instance_id: str, error: str, retry_delay: float
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    error: str,
+    retry_base_seconds: float,
 ) -> Outcome:
+    """Record a failed attempt: pending again after retry_delay() while attempts remain."""
     row = _fenced(
-        engine,
+        database,
         "fail",
         claimed,
         instance_id,
         error=error,
-        retry_delay=retry_delay,
+        retry_delay=retry_delay(retry_base_seconds, claimed.task.attempts),
         keep_errors=ERROR_HISTORY_LIMIT,
     )
     return Outcome(applied=row is not None, status=row.status if row else None)
 
 
-def release(engine: Engine, claimed: Claim, *, instance_id: str) -> Outcome:
+def release(database: Database, claimed: Claim, *, instance_id: str) -> Outcome:
     """Hand the task back without spending its attempt."""
-    row = _fenced(engine, "release", claimed, instance_id)
+    row = _fenced(database, "release", claimed, instance_id)
     return Outcome(applied=row is not None, status="pending" if row else None)
 
 
-def renew_leases(engine: Engine, held: list[Claim], *, lease_seconds: float) -> set[int]:
+def renew_leases(database: Database, held: list[Claim], *, lease_seconds: float) -> set[int]:
     """Extend the leases of the given claims; return the ids of tasks still held."""
     if not held:
         return set()
-    rows = _run(
-        engine,
+    rows = database.fetch(
         "renew_leases",
         {
             "task_ids": [c.task.id for c in held],
@@ -199,19 +165,19 @@ def renew_leases(engine: Engine, held: list[Claim], *, lease_seconds: float) -> 
     return {row.id for row in rows}
 
 
-def rescue_expired(engine: Engine, *, instance_id: str) -> list[tuple[int, str]]:
+def rescue_expired(database: Database, *, instance_id: str) -> list[tuple[int, str]]:
     """Re-queue (or fail) tasks whose lease ran out; return (task id, new status) pairs."""
-    rows = _run(engine, "rescue_expired", {"instance_id": instance_id})
+    rows = database.fetch("rescue_expired", {"instance_id": instance_id})
     return [(row.id, row.status) for row in rows]
 
 
-def seconds_until_next_due(engine: Engine) -> float | None:
-    (row,) = _run(engine, "seconds_until_next_due")
+def seconds_until_next_due(database: Database) -> float | None:
+    (row,) = database.fetch("seconds_until_next_due")
     return None if row.seconds is None else float(row.seconds)
 
 
 def heartbeat(
-    engine: Engine,
+    database: Database,
     *,
     instance_id: str,
     hostname: str,
@@ -222,8 +188,7 @@ def heartbeat(
     failed_count: int,
     started_at: datetime,
 ) -> None:
-    _run(
-        engine,
+    database.fetch(
         "heartbeat",
         {
             "instance_id": instance_id,
@@ -238,28 +203,26 @@ def heartbeat(
     )
 
 
-def instance_stopped(engine: Engine, *, instance_id: str) -> None:
-    _run(engine, "instance_stopped", {"instance_id": instance_id})
+def instance_stopped(database: Database, *, instance_id: str) -> None:
+    database.fetch("instance_stopped", {"instance_id": instance_id})
 
 
-def forget_instances(engine: Engine, *, older_than_seconds: float) -> None:
-    _run(engine, "forget_instances", {"forget_after_seconds": older_than_seconds})
+def forget_instances(database: Database, *, older_than_seconds: float) -> None:
+    database.fetch("forget_instances", {"forget_after_seconds": older_than_seconds})
 
 
-def instances(engine: Engine) -> list[dict[str, Any]]:
-    return _run(engine, "instances", row_factory=dict_row)
+def instances(database: Database) -> list[dict[str, Any]]:
+    return database.fetch("instances", row_factory=dict_row)
 
 
-def queue_counts(engine: Engine) -> dict[str, int]:
-    from .models import TaskStatus
-
+def queue_counts(database: Database) -> dict[str, int]:
     counts = dict.fromkeys((s.value for s in TaskStatus), 0)
-    counts.update({row.status: row.n for row in _run(engine, "queue_counts")})
+    counts.update({row.status: row.n for row in database.fetch("queue_counts")})
     return counts
 
 
-def oldest_pending_age(engine: Engine) -> float:
-    (row,) = _run(engine, "oldest_pending_age")
+def oldest_pending_age(database: Database) -> float:
+    (row,) = database.fetch("oldest_pending_age")
     return float(row[0] or 0)
 
 

@@ -17,6 +17,9 @@ from marshmallow import Schema, fields
 
 from .schemas import ConversationOut, TaskErrorOut, TaskListItem, TaskOut
 
+# Fields whose column PostgreSQL turns into the same JSON value as marshmallow's dump.
+_COLUMN_AS_IS = (fields.Integer, fields.Float, fields.String, fields.Boolean, fields.Raw)
+
 
 def iso_time(expression: str) -> str:
     """SQL for a timestamptz as `datetime.isoformat()` writes it in UTC (the output schemas'
@@ -37,12 +40,17 @@ def json_object(schema: Schema, alias: str, computed: Mapping[str, str] | None =
             expression = computed[name]
         elif isinstance(field, fields.DateTime):
             expression = iso_time(f"{alias}.{name}")
-        elif isinstance(field, fields.Integer | fields.String):
+        elif isinstance(field, _COLUMN_AS_IS):
             expression = f"{alias}.{name}"
         else:
             raise TypeError(f"{type(schema).__name__}.{name}: no SQL rendering for {field!r}")
         members.append(f"'{name}', {expression}")
     return f"json_build_object({', '.join(members)})"
+
+
+def conversation_json(alias: str = "c") -> str:
+    """SQL for a conversation as the API shows it."""
+    return json_object(ConversationOut(), alias)
 
 
 def json_array(element: str, source: str, order_by: str) -> str:
@@ -60,7 +68,7 @@ def task_json(alias: str = "t", conversations: str | None = None) -> str:
         TaskOut(),
         alias,
         {
-            "conversations": json_array(json_object(ConversationOut(), "c"), conversations, "c.id"),
+            "conversations": json_array(conversation_json("c"), conversations, "c.id"),
             "errors": json_array(
                 json_object(TaskErrorOut(), "e"),
                 f"task_errors AS e WHERE e.task_id = {alias}.id",

@@ -1,4 +1,5 @@
-"""An instance's background parts (worker, event listener, stream broker) and their lifecycle.
+"""An instance's background parts (worker, housekeeper, event listener, stream broker) and
+their lifecycle.
 
 gunicorn.conf.py drives it: post_fork starts it in each worker process, a SIGTERM begins
 the graceful stop at once, and worker_exit finishes it. Nothing here runs on import or in
@@ -13,8 +14,9 @@ import threading
 from flask import Flask
 
 from .config import Settings
-from .events import Broker, Listener, Subscription, send_notify
-from .extensions import db
+from .database import Database, get_database
+from .events import Broker, Listener, Subscription
+from .housekeeper import Housekeeper
 from .processor import load_processor
 from .worker import Worker
 
@@ -26,22 +28,22 @@ EXTENSION_KEY = "taskapp.runtime"
 class Runtime:
     def __init__(self, app: Flask) -> None:
         settings: Settings = app.config["TASKAPP"]
-        with app.app_context():
-            engine = db.engine
+        self.database: Database = get_database(app)
         self.settings = settings
         self.broker = Broker(max_streams=settings.max_event_streams)
         self.worker = Worker(
-            engine=engine,
+            database=self.database,
             settings=settings,
             processor=load_processor(settings),
             instance_id=settings.instance_id,
         )
-        self.listener = Listener(
-            settings.database_url,
-            self.broker,
-            on_wakeup=self.worker.wake,
-            send_notify=lambda channel: send_notify(engine, channel),
+        self.housekeeper = Housekeeper(
+            database=self.database,
+            settings=settings,
+            instance_id=settings.instance_id,
+            worker=self.worker,
         )
+        self.listener = Listener(self.database, self.broker, on_wakeup=self.worker.wake)
         self._stopper: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -55,6 +57,7 @@ class Runtime:
     def start(self) -> None:
         self.listener.start()
         self.worker.start()
+        self.housekeeper.start()
 
     def begin_shutdown(self, grace: float | None = None) -> None:
         """Stop claiming and end event streams now; finish the running tasks in the background."""
@@ -64,9 +67,14 @@ class Runtime:
             self.worker.begin_stop()
             self.broker.close()
             self._stopper = threading.Thread(
-                target=self.worker.stop, args=(grace,), name="taskapp-stopper", daemon=True
+                target=self._stop, args=(grace,), name="taskapp-stopper", daemon=True
             )
             self._stopper.start()
+
+    def _stop(self, grace: float | None) -> None:
+        # The housekeeper keeps renewing leases while running tasks use their grace period.
+        self.worker.stop(grace)
+        self.housekeeper.stop()
 
     def shutdown(self, grace: float | None = None) -> None:
         """Complete the graceful stop (idempotent)."""
@@ -94,6 +102,5 @@ def start_in_gunicorn_worker(app: Flask, *, preloaded: bool) -> Runtime:
     """post_fork: give the child its own connections, then start."""
     if preloaded:
         # The parent's pooled connections must not be shared across fork.
-        with app.app_context():
-            db.engine.dispose(close=False)
+        get_database(app).after_fork()
     return start(app)

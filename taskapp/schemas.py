@@ -12,7 +12,8 @@ from typing import Any
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
 
-from .models import TITLE_MAX_LENGTH, ConversationStatus, TaskStatus
+from .models import TITLE_MAX_LENGTH
+from .states import CONVERSATION_STATUSES, TASK_STATUSES
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 BIGINT_MAX = 2**63 - 1
@@ -22,9 +23,6 @@ LIST_LIMIT_DEFAULT = 100
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # Visible ASCII with inner spaces: HTTP would strip outer whitespace and mangle non-ASCII.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
-
-TASK_STATUSES = [status.value for status in TaskStatus]
-CONVERSATION_STATUSES = [status.value for status in ConversationStatus]
 
 # Exactly the characters for which str.isspace() is true, spelled as escapes that mean the same
 # in Python's `re` and in the ECMA-262 regexes of JSON Schema, so both sides agree on "blank".

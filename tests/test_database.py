@@ -1,5 +1,5 @@
-"""The statement pool: reuse, idle checks, dead connections, exhaustion and disposal, on a real
-PostgreSQL (connections are terminated with pg_terminate_backend, as a restart would)."""
+"""The Database gateway's pool: reuse, idle checks, dead connections, exhaustion and closing, on
+a real PostgreSQL (connections are terminated with pg_terminate_backend, as a restart would)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,27 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine
 
-from taskapp import database
+from taskapp import database as database_module
 from taskapp.config import normalize_database_url
-from taskapp.database import StatementPoolTimeout, autocommit_connection, statement_pool
+from taskapp.database import Database, PoolTimeout
 from tests.support import wait_for
+
+POOL_SIZE = 2
+POOL_TIMEOUT = 0.5
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(normalize_database_url(database_url), pool_size=2, pool_timeout=0.5)
-    yield engine
-    engine.dispose()
+def gateway(database_url: str) -> Iterator[Database]:
+    gateway = Database(
+        normalize_database_url(database_url), pool_size=POOL_SIZE, pool_timeout=POOL_TIMEOUT
+    )
+    yield gateway
+    gateway.close()
 
 
-def backend_pid(engine: Engine) -> int:
-    with autocommit_connection(engine) as conn:
+def backend_pid(gateway: Database) -> int:
+    with gateway.connection() as conn:
         return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
 
 
@@ -36,9 +39,9 @@ def terminate(db_conn: psycopg.Connection, *pids: int) -> None:
         db_conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def test_connections_are_reused_and_stay_in_autocommit(engine: Engine) -> None:
-    first = backend_pid(engine)
-    with autocommit_connection(engine) as conn:
+def test_connections_are_reused_and_stay_in_autocommit(gateway: Database) -> None:
+    first = backend_pid(gateway)
+    with gateway.connection() as conn:
         assert conn.autocommit
         assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)")
@@ -46,27 +49,27 @@ def test_connections_are_reused_and_stay_in_autocommit(engine: Engine) -> None:
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
-def test_stats_count_the_connections_in_use_and_idle(engine: Engine) -> None:
-    pool = statement_pool(engine)
-    most = engine.pool.size() + database.POOL_OVERFLOW
+def test_stats_count_the_connections_in_use_and_idle(gateway: Database) -> None:
+    pool = gateway.pool
     with pool.connection(), pool.connection():
-        assert pool.stats() == {"in_use": 2, "idle": 0, "max": most}
-    assert pool.stats() == {"in_use": 0, "idle": 2, "max": most}
+        assert pool.stats() == {"in_use": 2, "idle": 0, "max": POOL_SIZE}
+    assert pool.stats() == {"in_use": 0, "idle": 2, "max": POOL_SIZE}
+    assert gateway.max_connections == POOL_SIZE + 1  # and the listener's
 
 
 def test_connection_killed_while_idle_is_replaced_unnoticed(
-    engine: Engine, db_conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+    gateway: Database, db_conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = backend_pid(engine)
+    old = backend_pid(gateway)
     terminate(db_conn, old)
-    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.0)  # every checkout pings
-    assert backend_pid(engine) != old
+    monkeypatch.setattr(database_module, "PING_AFTER_IDLE_SECONDS", 0.0)  # every checkout pings
+    assert backend_pid(gateway) != old
 
 
 def test_connection_dying_in_use_fails_that_statement_and_discards_the_idle_ones(
-    engine: Engine, db_conn: psycopg.Connection
+    gateway: Database, db_conn: psycopg.Connection
 ) -> None:
-    pool = statement_pool(engine)
+    pool = gateway.pool
     with pool.connection() as a, pool.connection() as b:
         pids = [c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in (a, b)]
     terminate(db_conn, *pids)  # both now idle in the pool, and dead
@@ -74,38 +77,26 @@ def test_connection_dying_in_use_fails_that_statement_and_discards_the_idle_ones
         conn.execute("SELECT 1")
     # The other dead one was dropped with it: the next statement gets a fresh connection at
     # once, without the idle check (it was returned well under a second ago).
-    assert backend_pid(engine) not in pids
+    assert backend_pid(gateway) not in pids
 
 
-def test_a_burst_beyond_the_pool_size_is_closed_when_it_ends(
-    engine: Engine, db_conn: psycopg.Connection
-) -> None:
-    pool = statement_pool(engine)
-    with pool.connection() as a, pool.connection() as b, pool.connection() as c:
-        pids = [x.execute("SELECT pg_backend_pid()").fetchone()[0] for x in (a, b, c)]
-    alive = db_conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
-    ).fetchone()[0]
-    assert alive == engine.pool.size() == 2
-
-
-def test_connection_left_in_a_transaction_is_not_reused(engine: Engine) -> None:
-    with autocommit_connection(engine) as conn:
+def test_connection_left_in_a_transaction_is_not_reused(gateway: Database) -> None:
+    with gateway.connection() as conn:
         conn.execute("BEGIN")
         in_transaction = conn
     assert in_transaction.closed
-    with autocommit_connection(engine) as conn:
+    with gateway.connection() as conn:
         assert conn is not in_transaction
 
 
 @pytest.fixture
-def exhausted(engine: Engine) -> Iterator[threading.Event]:
-    """Every connection of the statement pool held by a thread until the event is set."""
-    size = engine.pool.size() + database.POOL_OVERFLOW
+def exhausted(gateway: Database) -> Iterator[threading.Event]:
+    """Every connection of the pool held by a thread until the event is set."""
+    size = POOL_SIZE
     held, release = threading.Barrier(size + 1), threading.Event()
 
     def hold() -> None:
-        with autocommit_connection(engine):
+        with gateway.connection():
             held.wait()
             release.wait(10)
 
@@ -120,35 +111,40 @@ def exhausted(engine: Engine) -> Iterator[threading.Event]:
 
 
 def test_exhausted_pool_times_out_with_a_database_error(
-    engine: Engine, exhausted: threading.Event
+    gateway: Database, exhausted: threading.Event, db_conn: psycopg.Connection
 ) -> None:
     started = time.monotonic()
-    with pytest.raises(StatementPoolTimeout) as raised, autocommit_connection(engine):
+    with pytest.raises(PoolTimeout) as raised, gateway.connection():
         pass
-    assert time.monotonic() - started >= engine.pool.timeout()
+    assert time.monotonic() - started >= POOL_TIMEOUT
     assert isinstance(raised.value, psycopg.OperationalError)  # the API's 503
+    opened = db_conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'taskapp' AND datname = current_database()"
+    ).fetchone()[0]
+    assert opened == POOL_SIZE  # waiting, never a connection beyond the pool's size
     exhausted.set()
-    assert backend_pid(engine) > 0  # free again
+    assert backend_pid(gateway) > 0  # free again
 
 
 def test_a_waiting_checkout_gets_the_first_connection_freed(
-    engine: Engine, exhausted: threading.Event
+    gateway: Database, exhausted: threading.Event
 ) -> None:
     got: list[int] = []
-    waiter = threading.Thread(target=lambda: got.append(backend_pid(engine)))
+    waiter = threading.Thread(target=lambda: got.append(backend_pid(gateway)))
     waiter.start()
-    wait_for(lambda: statement_pool(engine)._waiting == 1, timeout=0.4, interval=0.01)
+    wait_for(lambda: gateway.pool._waiting == 1, timeout=0.4, interval=0.01)
     exhausted.set()
     waiter.join(5)
     assert got and got[0] > 0
 
 
-def test_dispose_closes_the_idle_connections(engine: Engine, db_conn: psycopg.Connection) -> None:
-    pid = backend_pid(engine)
-    engine.dispose()
+def test_close_closes_the_idle_connections(gateway: Database, db_conn: psycopg.Connection) -> None:
+    pid = backend_pid(gateway)
+    gateway.close()
     alive = db_conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
     assert alive.fetchone()[0] == 0
-    assert backend_pid(engine) != pid  # a new pool, on first use
+    assert backend_pid(gateway) != pid  # a new pool, on first use
 
 
 def test_api_answers_503_while_every_pooled_connection_is_dead(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-import psycopg
 import pytest
 import requests
 from flask import Flask
-from sqlalchemy import text
 
 from taskapp import create_app
 from taskapp.config import Settings
@@ -68,27 +66,6 @@ def test_an_unexpected_error_is_a_logged_500_without_details(
     assert body["title"] == "Internal Server Error"
     (record,) = [r for r in caplog.records if r.name == "taskapp.errors"]
     assert record.exc_info is not None and "secret internals" in str(record.exc_info[1])
-
-
-def test_a_connection_lost_after_the_response_does_not_fail_it(
-    app: Flask, db_conn: psycopg.Connection
-) -> None:
-    """Closing the session rolls back on a connection the database has just dropped."""
-    from taskapp.extensions import db
-
-    task_id = db_conn.execute(
-        "INSERT INTO tasks (title, max_attempts) VALUES ('t', 3) RETURNING id"
-    ).fetchone()[0]
-
-    @app.after_request
-    def drop_the_connection(response: object) -> object:
-        pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
-        db_conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        return response
-
-    response = app.test_client().get(f"/tasks/{task_id}")
-    assert response.status_code == 200
-    assert response.get_json()["id"] == task_id
 
 
 def test_errors_through_gunicorn(instances: Callable[..., Instance]) -> None:

@@ -65,7 +65,7 @@ def test_terminating_every_connection_costs_a_few_503s_and_nothing_else(instance
     with Load([i.url for i in group], threads=threads) as load:
         for _ in range(cuts):
             load.wait_more(60)
-            # The engine's pool ("taskapp:<instance>") and the listener ("taskapp-listener"),
+            # The pool ("taskapp:<instance>") and the listener ("taskapp-listener"),
             # of this test database only: other sessions may share the server.
             rows = db_conn.execute(
                 "SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity"

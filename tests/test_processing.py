@@ -55,7 +55,7 @@ def test_status_shows_the_worker_and_the_cluster(instances):
     assert other["worker"]["running"] is False
     assert other["instance_id"] != status["instance_id"]
     connections = other["database_connections"]
-    assert connections["max"] == 3 + 10  # DB_POOL_SIZE, and 10 more for bursts
+    assert connections["max"] == 3  # DB_POOL_SIZE: never more
     assert 1 <= connections["idle"] <= 3  # /status itself just used one
 
     def both_listed() -> bool:
@@ -148,8 +148,8 @@ def test_several_gunicorn_workers_are_several_instances(instances, workers):
 
 
 def test_an_app_preloaded_before_fork_serves_and_processes(instances):
-    # With --preload the master builds the app (engine, statement pool) and the worker inherits
-    # it: post_fork disposes of the engine, which gives the worker a fresh statement pool.
+    # With --preload the master builds the app (its Database and pool) and the worker inherits
+    # it: post_fork gives the worker a fresh pool of its own.
     instance = instances(GUNICORN_CMD_ARGS="--preload")
     task = create_task(instance.url, "preloaded", conversations=2)
     done = wait_for(

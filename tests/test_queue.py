@@ -8,19 +8,18 @@ from collections import Counter
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine
-
 from taskapp import queue
 from taskapp.config import normalize_database_url
+from taskapp.database import Database
+from taskapp.statements import statement
 from tests.support import task_row
 
 
 @pytest.fixture
-def engine(database_url: str) -> Engine:
-    engine = create_engine(normalize_database_url(database_url), pool_size=10)
-    yield engine
-    engine.dispose()
+def database(database_url: str) -> Database:
+    database = Database(normalize_database_url(database_url), pool_size=10)
+    yield database
+    database.close()
 
 
 def add_task(
@@ -44,14 +43,14 @@ def add_task(
     return task_id
 
 
-def claim_one(engine: Engine, instance: str = "a", lease: float = 30) -> queue.Claim | None:
-    claims = queue.claim(engine, instance_id=instance, limit=1, lease_seconds=lease)
+def claim_one(database: Database, instance: str = "a", lease: float = 30) -> queue.Claim | None:
+    claims = queue.claim(database, instance_id=instance, limit=1, lease_seconds=lease)
     return claims[0] if claims else None
 
 
-def test_claim_returns_a_snapshot_with_conversations(engine, db_conn):
+def test_claim_returns_a_snapshot_with_conversations(database, db_conn):
     task_id = add_task(db_conn, "hello", conversations=("one", "two"))
-    claimed = claim_one(engine, "instance-a")
+    claimed = claim_one(database, "instance-a")
     assert claimed is not None
     assert claimed.task.id == task_id
     assert claimed.task.attempts == 1
@@ -62,7 +61,7 @@ def test_claim_returns_a_snapshot_with_conversations(engine, db_conn):
     assert row["lease_token"] == claimed.lease_token
 
 
-def test_concurrent_claims_never_share_a_task(engine, db_conn):
+def test_concurrent_claims_never_share_a_task(database, db_conn):
     task_ids = {add_task(db_conn, f"t{n}") for n in range(200)}
     claimed: list[int] = []
     lock = threading.Lock()
@@ -70,7 +69,7 @@ def test_concurrent_claims_never_share_a_task(engine, db_conn):
 
     def claimer(name: str) -> None:
         barrier.wait()
-        while claims := queue.claim(engine, instance_id=name, limit=3, lease_seconds=30):
+        while claims := queue.claim(database, instance_id=name, limit=3, lease_seconds=30):
             with lock:
                 claimed.extend(c.task.id for c in claims)
 
@@ -83,25 +82,25 @@ def test_concurrent_claims_never_share_a_task(engine, db_conn):
     assert set(claimed) == task_ids
 
 
-def test_claim_orders_by_priority_then_age(engine, db_conn):
+def test_claim_orders_by_priority_then_age(database, db_conn):
     low_old = add_task(db_conn, "low-old", priority=0)
     high = add_task(db_conn, "high", priority=5)
     low_new = add_task(db_conn, "low-new", priority=0)
     negative = add_task(db_conn, "negative", priority=-1)
-    order = [claim_one(engine).task.id for _ in range(4)]
+    order = [claim_one(database).task.id for _ in range(4)]
     assert order == [high, low_old, low_new, negative]
 
 
-def test_tasks_not_yet_due_are_not_claimed(engine, db_conn):
+def test_tasks_not_yet_due_are_not_claimed(database, db_conn):
     add_task(db_conn, "later", delay_seconds=60)
-    assert claim_one(engine) is None
-    assert 59 < queue.seconds_until_next_due(engine) <= 60
+    assert claim_one(database) is None
+    assert 59 < queue.seconds_until_next_due(database) <= 60
 
 
-def test_complete_marks_conversations_processed(engine, db_conn):
+def test_complete_marks_conversations_processed(database, db_conn):
     task_id = add_task(db_conn, conversations=("a", "b"))
-    claimed = claim_one(engine)
-    assert queue.complete(engine, claimed, instance_id="a").applied
+    claimed = claim_one(database)
+    assert queue.complete(database, claimed, instance_id="a").applied
     row = task_row(db_conn, task_id)
     assert row["status"] == "completed"
     assert row["processed_at"] is not None
@@ -112,34 +111,34 @@ def test_complete_marks_conversations_processed(engine, db_conn):
     assert statuses == [("processed",), ("processed",)]
 
 
-def test_a_stale_token_cannot_complete_or_fail(engine, db_conn):
+def test_a_stale_token_cannot_complete_or_fail(database, db_conn):
     task_id = add_task(db_conn)
-    claimed = claim_one(engine)
+    claimed = claim_one(database)
     stale = queue.Claim(task=claimed.task, lease_token=uuid.uuid4(), max_attempts=3)
-    assert not queue.complete(engine, stale, instance_id="a").applied
-    assert not queue.fail(engine, stale, instance_id="a", error="x", retry_delay=0).applied
+    assert not queue.complete(database, stale, instance_id="a").applied
+    assert not queue.fail(database, stale, instance_id="a", error="x", retry_base_seconds=0).applied
     assert task_row(db_conn, task_id)["status"] == "processing"
 
 
-def test_completion_after_the_task_was_deleted_is_dropped(engine, db_conn):
+def test_completion_after_the_task_was_deleted_is_dropped(database, db_conn):
     task_id = add_task(db_conn)
-    claimed = claim_one(engine)
+    claimed = claim_one(database)
     db_conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
-    assert not queue.complete(engine, claimed, instance_id="a").applied
+    assert not queue.complete(database, claimed, instance_id="a").applied
 
 
-def test_failures_retry_with_backoff_then_fail(engine, db_conn):
+def test_failures_retry_with_backoff_then_fail(database, db_conn):
     task_id = add_task(db_conn, max_attempts=2)
-    first = claim_one(engine)
-    outcome = queue.fail(engine, first, instance_id="a", error="Boom: one", retry_delay=60)
+    first = claim_one(database)
+    outcome = queue.fail(database, first, instance_id="a", error="Boom: one", retry_base_seconds=60)
     assert outcome.status == "pending"
-    assert claim_one(engine) is None, "backoff must keep the task from being claimed at once"
+    assert claim_one(database) is None, "backoff must keep the task from being claimed at once"
     db_conn.execute("UPDATE tasks SET run_after = now() WHERE id = %s", (task_id,))
-    second = claim_one(engine)
+    second = claim_one(database)
     assert second.task.attempts == 2
-    assert queue.fail(engine, second, instance_id="a", error="Boom: two", retry_delay=0).status == (
-        "failed"
-    )
+    assert queue.fail(
+        database, second, instance_id="a", error="Boom: two", retry_base_seconds=0
+    ).status == ("failed")
     row = task_row(db_conn, task_id)
     assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 2, "Boom: two")
     history = db_conn.execute(
@@ -148,13 +147,13 @@ def test_failures_retry_with_backoff_then_fail(engine, db_conn):
     assert history == [(1, "Boom: one"), (2, "Boom: two")]
 
 
-def test_error_history_is_bounded(engine, db_conn):
-    from taskapp.models import ERROR_HISTORY_LIMIT
+def test_error_history_is_bounded(database, db_conn):
+    from taskapp.queue import ERROR_HISTORY_LIMIT
 
     task_id = add_task(db_conn, max_attempts=100)
     for n in range(ERROR_HISTORY_LIMIT + 5):
-        claimed = claim_one(engine)
-        queue.fail(engine, claimed, instance_id="a", error=f"E{n}", retry_delay=0)
+        claimed = claim_one(database)
+        queue.fail(database, claimed, instance_id="a", error=f"E{n}", retry_base_seconds=0)
     errors = [
         e
         for (e,) in db_conn.execute(
@@ -165,26 +164,26 @@ def test_error_history_is_bounded(engine, db_conn):
     assert errors[-1] == f"E{ERROR_HISTORY_LIMIT + 4}"
 
 
-def test_release_hands_back_without_spending_the_attempt(engine, db_conn):
+def test_release_hands_back_without_spending_the_attempt(database, db_conn):
     task_id = add_task(db_conn)
-    claimed = claim_one(engine)
-    assert queue.release(engine, claimed, instance_id="a").applied
+    claimed = claim_one(database)
+    assert queue.release(database, claimed, instance_id="a").applied
     row = task_row(db_conn, task_id)
     assert (row["status"], row["attempts"], row["processing_instance_id"]) == ("pending", 0, None)
 
 
-def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(engine, db_conn):
+def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(database, db_conn):
     task_id = add_task(db_conn, max_attempts=2)
-    first = claim_one(engine, "dead", lease=1)
+    first = claim_one(database, "dead", lease=1)
     db_conn.execute(
         "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (task_id,)
     )
-    assert queue.rescue_expired(engine, instance_id="rescuer") == [(task_id, "pending")]
-    second = claim_one(engine, "alive")
+    assert queue.rescue_expired(database, instance_id="rescuer") == [(task_id, "pending")]
+    second = claim_one(database, "alive")
     assert second.task.attempts == 2
-    assert not queue.complete(engine, first, instance_id="dead").applied
-    assert queue.renew_leases(engine, [first, second], lease_seconds=30) == {task_id}
-    assert queue.complete(engine, second, instance_id="alive").applied
+    assert not queue.complete(database, first, instance_id="dead").applied
+    assert queue.renew_leases(database, [first, second], lease_seconds=30) == {task_id}
+    assert queue.complete(database, second, instance_id="alive").applied
     row = task_row(db_conn, task_id)
     assert (row["status"], row["processing_instance_id"]) == ("completed", "alive")
     (holder,) = db_conn.execute(
@@ -193,17 +192,17 @@ def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(engine, db_conn
     assert holder == "dead"
 
 
-def test_a_task_that_keeps_killing_instances_ends_failed(engine, db_conn):
+def test_a_task_that_keeps_killing_instances_ends_failed(database, db_conn):
     task_id = add_task(db_conn, max_attempts=1)
-    claim_one(engine, "dead", lease=1)
+    claim_one(database, "dead", lease=1)
     db_conn.execute(
         "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (task_id,)
     )
-    assert queue.rescue_expired(engine, instance_id="rescuer") == [(task_id, "failed")]
+    assert queue.rescue_expired(database, instance_id="rescuer") == [(task_id, "failed")]
     assert task_row(db_conn, task_id)["last_error"].startswith("LeaseExpired")
 
 
-def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
+def test_claim_uses_the_partial_index_with_many_rows(database, db_conn):
     db_conn.execute(
         "INSERT INTO tasks (title, max_attempts, status, processed_at)"
         " SELECT 'done', 3, 'completed', now() FROM generate_series(1, 100000)"
@@ -220,7 +219,7 @@ def test_claim_uses_the_partial_index_with_many_rows(engine, db_conn):
         "limit": 1,
         "lease_seconds": 30,
     }
-    explain = "EXPLAIN " + queue.STATEMENTS["complete_and_claim"]
+    explain = "EXPLAIN " + statement("complete_and_claim")
     plan = "\n".join(row[0] for row in db_conn.execute(explain, params))
     assert "ix_tasks_claim" in plan, plan
     assert "Seq Scan on tasks" not in plan, plan
@@ -235,7 +234,7 @@ def true_counts(conn: psycopg.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
 
 
-def test_kept_counts_match_the_table_through_every_transition(engine, db_conn):
+def test_kept_counts_match_the_table_through_every_transition(database, db_conn):
     for n in range(30):
         add_task(db_conn, f"t{n}", max_attempts=1)
     db_conn.execute(
@@ -245,14 +244,14 @@ def test_kept_counts_match_the_table_through_every_transition(engine, db_conn):
     assert kept_counts(db_conn) == true_counts(db_conn) == {"pending": 30, "completed": 500}
 
     def work(name: str) -> None:
-        while claims := queue.claim(engine, instance_id=name, limit=2, lease_seconds=30):
+        while claims := queue.claim(database, instance_id=name, limit=2, lease_seconds=30):
             for n, claimed in enumerate(claims):
                 if claimed.task.id % 3 == 0:
-                    queue.fail(engine, claimed, instance_id=name, error="E", retry_delay=0)
+                    queue.fail(database, claimed, instance_id=name, error="E", retry_base_seconds=0)
                 elif n == 1:
-                    queue.release(engine, claimed, instance_id=name)
+                    queue.release(database, claimed, instance_id=name)
                 else:
-                    queue.complete(engine, claimed, instance_id=name)
+                    queue.complete(database, claimed, instance_id=name)
 
     threads = [threading.Thread(target=work, args=(f"i{n}",)) for n in range(6)]
     for thread in threads:
@@ -266,12 +265,12 @@ def test_kept_counts_match_the_table_through_every_transition(engine, db_conn):
     assert kept_counts(db_conn) == {}
 
 
-def test_complete_and_claim_finishes_one_and_leases_the_next(engine, db_conn):
+def test_complete_and_claim_finishes_one_and_leases_the_next(database, db_conn):
     first_id = add_task(db_conn, "first", conversations=("a",))
     second_id = add_task(db_conn, "second")
-    first = claim_one(engine, "a")
+    first = claim_one(database, "a")
     outcome, claims = queue.complete_and_claim(
-        engine, first, instance_id="a", limit=1, lease_seconds=30
+        database, first, instance_id="a", limit=1, lease_seconds=30
     )
     assert outcome.applied
     assert [c.task.id for c in claims] == [second_id]
@@ -279,6 +278,6 @@ def test_complete_and_claim_finishes_one_and_leases_the_next(engine, db_conn):
     assert task_row(db_conn, second_id)["status"] == "processing"
     # Nothing left to claim, and a stale token: no completion, no claim, still one row back.
     outcome, claims = queue.complete_and_claim(
-        engine, first, instance_id="a", limit=1, lease_seconds=30
+        database, first, instance_id="a", limit=1, lease_seconds=30
     )
     assert (outcome.applied, claims) == (False, [])

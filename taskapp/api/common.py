@@ -56,6 +56,11 @@ def settings() -> Settings:
     return current_app.config["TASKAPP"]
 
 
+def json_text(text: str, status: int = 200) -> Response:
+    """A response of JSON that PostgreSQL rendered (taskapp.representation), sent as it is."""
+    return current_app.response_class(text, status, mimetype="application/json")
+
+
 def no_content() -> Response:
     """An empty 204, without the Content-Type an empty body would otherwise claim."""
     response = current_app.response_class(status=204)

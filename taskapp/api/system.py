@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import socket
 
+import psycopg
 from flask import Blueprint, current_app, jsonify
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
 from .. import metrics, queue, runtime
-from ..database import statement_pool
-from ..extensions import db
+from ..database import get_database
 
 bp = Blueprint("system", __name__)
 
@@ -22,9 +20,8 @@ STALE_AFTER_BEATS = 3
 @bp.get("/health")
 def health():
     try:
-        db.session.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        db.session.rollback()
+        get_database().fetch("ping")
+    except psycopg.Error as exc:
         body = {"status": "unhealthy", "database": "unreachable", "detail": str(exc).split("\n")[0]}
         return jsonify(body), 503
     return jsonify({"status": "healthy", "database": "ok"})
@@ -34,11 +31,11 @@ def health():
 def status():
     settings = current_app.config["TASKAPP"]
     instance = runtime.current(current_app)
-    engine = db.engine
+    database = get_database()
     worker = instance.worker if instance else None
     current_ids = worker.current_task_ids if worker else []
     stale_after = STALE_AFTER_BEATS * settings.heartbeat_seconds
-    known = queue.instances(engine)
+    known = queue.instances(database)
     return jsonify(
         {
             "instance_id": settings.instance_id,
@@ -54,7 +51,7 @@ def status():
                 "failed": worker.failed_count if worker else 0,
                 "started_at": worker.started_at.isoformat() if worker else None,
             },
-            "queue": queue.queue_counts(engine),
+            "queue": queue.queue_counts(database),
             "instances": [
                 _instance_view(row)
                 for row in known
@@ -65,14 +62,14 @@ def status():
                 "max": settings.max_event_streams,
             },
             # Requests wait for a connection when in_use reaches max, and get a 503 after 5 s.
-            "database_connections": statement_pool(engine).stats(),
+            "database_connections": database.stats(),
         }
     )
 
 
 @bp.get("/metrics")
 def metrics_page():
-    return metrics.render(db.engine)
+    return metrics.render(get_database())
 
 
 def _instance_view(row: dict) -> dict:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from flask import Blueprint, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 
-from .. import auth
+from .. import auth, states
 from ..config import Settings
 from ..errors import Unauthorized, problem
+from ..events import EVENT_TYPES
 
 bp = Blueprint(
     "dashboard",
@@ -25,6 +26,13 @@ bp = Blueprint(
 # Query parameter that carries the API key where a header can't (EventSource, a typed-in URL).
 KEY_PARAM = "api_key"
 
+# What the page must know of the state machine and the events, from their one definitions.
+VOCABULARY = {
+    "statuses": states.TASK_STATUSES,
+    "event_types": list(EVENT_TYPES),
+    "actions": {name: action.from_values for name, action in states.ACTIONS.items()},
+}
+
 
 def _page_context() -> dict[str, object]:
     settings: Settings = current_app.config["TASKAPP"]
@@ -36,6 +44,7 @@ def _page_context() -> dict[str, object]:
         "keys_required": bool(settings.api_keys),
         # The page judges an instance's liveness by how often it should beat.
         "heartbeat_seconds": settings.heartbeat_seconds,
+        "vocabulary": VOCABULARY,
     }
 
 

@@ -1,6 +1,7 @@
 -- The queue's SQL: every statement that claims, finishes or takes back a task.
 -- Each statement starts with "-- name: NAME" and a one-line purpose; taskapp/queue.py loads them.
--- Events are sent with pg_notify inside the same statement, so they go out only on commit.
+-- Events are sent with taskapp_publish() (migration 0004) inside the same statement, so they
+-- go out only on commit; given the due run_after of a pending task, it also wakes idle workers.
 
 -- name: complete_and_claim
 -- Finish a task for the lease holder, then lease the most urgent due pending tasks (lock,
@@ -22,10 +23,7 @@ WITH done AS (
     SET status = 'processed', updated_at = now()
     WHERE task_id IN (SELECT id FROM done) AND status <> 'processed'
 ), completion AS (
-    SELECT pg_notify('taskapp_events', json_build_object(
-               'type', 'task.completed', 'task_id', id, 'status', 'completed',
-               'instance_id', CAST(:instance_id AS text), 'at', now())::text)
-    FROM done
+    SELECT taskapp_publish('task.completed', id, 'completed', :instance_id) FROM done
 ), next AS (
     SELECT id
     FROM tasks
@@ -51,9 +49,8 @@ SELECT (SELECT count(*) FROM completion) AS completed,
                         '[]'::json)
         FROM conversations AS v
         WHERE v.task_id = c.id) AS conversations,
-       CASE WHEN c.id IS NOT NULL THEN pg_notify('taskapp_events', json_build_object(
-           'type', 'task.claimed', 'task_id', c.id, 'status', 'processing',
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) END AS notified
+       CASE WHEN c.id IS NOT NULL
+            THEN taskapp_publish('task.claimed', c.id, 'processing', :instance_id) END AS notified
 FROM (SELECT 1) AS one
 LEFT JOIN claimed AS c ON true
 ORDER BY c.priority DESC, c.id;
@@ -72,7 +69,7 @@ WITH failed AS (
         lease_expires_at = NULL,
         updated_at = now()
     WHERE id = :task_id AND lease_token = :lease_token
-    RETURNING id, status, attempts
+    RETURNING id, status, attempts, run_after
 ), history AS (
     INSERT INTO task_errors (task_id, attempt, instance_id, error)
     SELECT id, attempts, :instance_id, :error FROM failed
@@ -83,12 +80,8 @@ WITH failed AS (
                      ORDER BY e.id DESC LIMIT :keep_errors - 1)
 )
 SELECT id, status,
-       pg_notify('taskapp_events', json_build_object(
-           'type', CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
-           'task_id', id, 'status', status,
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
-       -- Idle workers anywhere learn of the retry's due time and sleep until it.
-       CASE WHEN status = 'pending' THEN pg_notify('taskapp_wakeup', '') END AS woken
+       taskapp_publish(CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
+                       id, status, :instance_id, NULL, run_after) AS notified
 FROM failed;
 
 -- name: release
@@ -103,13 +96,9 @@ WITH released AS (
         lease_expires_at = NULL,
         updated_at = now()
     WHERE id = :task_id AND lease_token = :lease_token
-    RETURNING id
+    RETURNING id, run_after
 )
-SELECT id,
-       pg_notify('taskapp_events', json_build_object(
-           'type', 'task.updated', 'task_id', id, 'status', 'pending',
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
-       pg_notify('taskapp_wakeup', '') AS woken
+SELECT id, taskapp_publish('task.updated', id, 'pending', :instance_id, NULL, run_after) AS notified
 FROM released;
 
 -- name: renew_leases
@@ -142,17 +131,14 @@ WITH expired AS (
         updated_at = now()
     FROM expired
     WHERE t.id = expired.id
-    RETURNING t.id, t.status, t.attempts, t.last_error, expired.holder
+    RETURNING t.id, t.status, t.attempts, t.last_error, t.run_after, expired.holder
 ), history AS (
     INSERT INTO task_errors (task_id, attempt, instance_id, error)
     SELECT id, attempts, holder, last_error FROM rescued
 )
 SELECT id, status,
-       pg_notify('taskapp_events', json_build_object(
-           'type', CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
-           'task_id', id, 'status', status,
-           'instance_id', CAST(:instance_id AS text), 'at', now())::text) AS notified,
-       pg_notify('taskapp_wakeup', '') AS woken
+       taskapp_publish(CASE WHEN status = 'failed' THEN 'task.failed' ELSE 'task.retrying' END,
+                       id, status, :instance_id, NULL, run_after) AS notified
 FROM rescued;
 
 -- name: seconds_until_next_due
@@ -192,13 +178,3 @@ SELECT id, hostname, pid, worker_running, current_task_ids, processed_count, fai
        extract(epoch FROM now() - heartbeat_at) AS heartbeat_age_seconds
 FROM instances
 ORDER BY started_at DESC;
-
--- name: queue_counts
--- Tasks by status, from the counts the triggers keep (cheap at any table size).
-SELECT status, CAST(sum(n) AS bigint) AS n FROM task_counts GROUP BY status;
-
--- name: oldest_pending_age
--- Seconds since the oldest due pending task became claimable (0 when none).
-SELECT coalesce(extract(epoch FROM now() - min(run_after)), 0) AS seconds
-FROM tasks
-WHERE status = 'pending' AND run_after <= now();

@@ -6,12 +6,11 @@
 "use strict";
 
 (function () {
-  const STATUSES = ["pending", "processing", "completed", "failed", "cancelled"];
-  const EVENT_TYPES = [
-    "task.created", "task.updated", "task.claimed", "task.completed", "task.retrying",
-    "task.failed", "task.cancelled", "task.deleted", "conversation.created",
-    "conversation.updated",
-  ];
+  // The states, event types and which states each action accepts: rendered by the server
+  // from the service's own definitions (taskapp.states, taskapp.events).
+  const VOCABULARY = JSON.parse(document.getElementById("vocabulary").textContent);
+  const STATUSES = VOCABULARY.statuses;
+  const EVENT_TYPES = VOCABULARY.event_types;
   const KEY_STORAGE = "taskapp.apiKey";
   const KEY_PARAM = "api_key";
   const POLL_MS = 2500; // while the event stream is down
@@ -906,7 +905,8 @@
 
   // ---------------------------------------------------------------- task page
 
-  const RETRYABLE = new Set(["failed", "cancelled", "completed"]);
+  const RETRYABLE = new Set(VOCABULARY.actions.retry);
+  const CANCELLABLE = new Set(VOCABULARY.actions.cancel);
 
   function taskPage() {
     const taskId = Number(body.dataset.taskId);
@@ -930,7 +930,7 @@
       body.dataset.taskStatus = task.status;
 
       retry.disabled = !RETRYABLE.has(task.status);
-      cancel.disabled = task.status !== "pending";
+      cancel.disabled = !CANCELLABLE.has(task.status);
       hint.textContent =
         retry.disabled && cancel.disabled
           ? "A processing task can be neither retried nor cancelled until it finishes."

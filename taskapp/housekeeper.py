@@ -1,0 +1,119 @@
+"""The housekeeper thread of an instance: leases, heartbeats, rescue, forgetting instances.
+
+Every heartbeat interval (several per lease, so one missed round costs nothing) it renews the
+leases of the tasks this instance's worker holds (one statement whatever their number),
+records the instance's heartbeat for /status, re-queues any task in the cluster whose lease
+ran out (its instance died or stalled), and now and then forgets instances long gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from . import metrics, queue
+from .config import Settings
+from .database import Database
+from .worker import Worker, short_error
+
+log = logging.getLogger(__name__)
+
+FORGET_INSTANCES_AFTER_SECONDS = 3600.0
+# Forgetting instances is rare work: every this many rounds.
+FORGET_EVERY_ROUNDS = 60
+
+
+class Housekeeper:
+    """start() and stop() are idempotent; run_once() is one round, for tests."""
+
+    def __init__(
+        self, *, database: Database, settings: Settings, instance_id: str, worker: Worker
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        self.instance_id = instance_id
+        self.worker = worker
+        self._hostname, self._pid = socket.gethostname(), os.getpid()
+        self._rounds = 0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._loop, name="taskapp-housekeeper", daemon=True
+            )
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop, then record the instance as cleanly stopped."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None or self._done.is_set():
+                return
+            self._done.set()
+        thread.join(timeout)
+        try:
+            queue.instance_stopped(self.database, instance_id=self.instance_id)
+        except Exception as exc:
+            log.warning("could not record the instance as stopped: %s", short_error(exc))
+
+    def run_once(self) -> None:
+        """One round: renew, beat, rescue (and sometimes forget)."""
+        self.renew_leases()
+        queue.heartbeat(
+            self.database,
+            instance_id=self.instance_id,
+            hostname=self._hostname,
+            pid=self._pid,
+            worker_running=self.worker.running,
+            current_task_ids=self.worker.current_task_ids,
+            processed_count=self.worker.processed_count,
+            failed_count=self.worker.failed_count,
+            started_at=self.worker.started_at,
+        )
+        self.rescue()
+        if self._rounds % FORGET_EVERY_ROUNDS == 0:
+            queue.forget_instances(self.database, older_than_seconds=FORGET_INSTANCES_AFTER_SECONDS)
+        self._rounds += 1
+
+    def renew_leases(self) -> None:
+        held = self.worker.held_claims()
+        if not held:
+            return
+        still_held = queue.renew_leases(
+            self.database, held, lease_seconds=self.settings.lease_seconds
+        )
+        for claimed in held:
+            if claimed.task.id not in still_held and self.worker.lease_really_lost(claimed):
+                log.warning(
+                    "task %d: lease lost (deleted, or taken back after a stall)",
+                    claimed.task.id,
+                    extra={"task_id": claimed.task.id},
+                )
+
+    def rescue(self) -> None:
+        rescued = queue.rescue_expired(self.database, instance_id=self.instance_id)
+        if rescued:
+            metrics.tasks_rescued(len(rescued))
+        for task_id, status in rescued:
+            log.warning(
+                "task %d: lease ran out, now %s", task_id, status, extra={"task_id": task_id}
+            )
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:
+                log.warning("housekeeping failed (%s); will retry", short_error(exc))
+            self._done.wait(self.settings.heartbeat_seconds)

@@ -1,0 +1,163 @@
+-- The API's reads and writes of tasks and conversations (taskapp/services.py runs them).
+-- Each statement starts with "-- name: NAME" and a one-line purpose (taskapp/statements.py).
+-- {{ task_json(t) }} and its siblings are the API's JSON of a row, generated from the output
+-- schemas (taskapp/representation.py). Events go out through taskapp_publish() (migration
+-- 0004), on commit; given a due run_after of a pending task, it also wakes idle workers.
+
+-- name: get_task
+-- One task with its conversations and error history, as GET /tasks/{id} shows it.
+SELECT t.id, {{ task_json(t) }}::text AS json FROM tasks AS t WHERE t.id = :task_id;
+
+-- name: task_status
+-- A task's status (no row: no such task), for a 409's message.
+SELECT status FROM tasks WHERE id = :task_id;
+
+-- name: list_tasks
+-- A page of tasks ordered by id, and the total from the counts the triggers keep
+-- (migration 0002): the same cost at any table size.
+SELECT (SELECT coalesce(sum(n), 0) FROM task_counts
+        WHERE CAST(:status AS text) IS NULL OR status = :status) AS total,
+       (SELECT coalesce(json_agg(item ORDER BY id), '[]')::text
+        FROM (SELECT t.id, {{ task_list_item_json(t) }} AS item
+              FROM tasks AS t
+              WHERE CAST(:status AS text) IS NULL OR t.status = :status
+              ORDER BY t.id
+              LIMIT :limit OFFSET :offset) AS page) AS json;
+
+-- name: create_task
+-- Insert a pending task and its conversations, send task.created, return the task's JSON.
+WITH t AS (
+    INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts)
+    VALUES (:title, :description, :priority, :scheduled_for,
+            coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts)
+    RETURNING *
+), c AS (
+    INSERT INTO conversations (task_id, content)
+    SELECT t.id, x.content
+    FROM t, unnest(CAST(:contents AS text[])) WITH ORDINALITY AS x(content, n)
+    ORDER BY x.n
+    RETURNING *
+)
+SELECT t.id, {{ task_json(t, c) }}::text AS json,
+       taskapp_publish('task.created', t.id, t.status, :instance_id, NULL, t.run_after) AS notified
+FROM t;
+
+-- name: claim_idempotency_key
+-- Take an Idempotency-Key for this request (no row: another request has it).
+INSERT INTO idempotency_keys (key, fingerprint, response) VALUES (:key, :fingerprint, 'null')
+ON CONFLICT (key) DO NOTHING
+RETURNING key;
+
+-- name: idempotent_response
+-- The first response stored for an Idempotency-Key, with the body's fingerprint.
+SELECT fingerprint, CAST(response ->> 'id' AS bigint) AS task_id, response::text AS json
+FROM idempotency_keys
+WHERE key = :key;
+
+-- name: store_idempotent_response
+-- Keep the first response to an Idempotency-Key, to replay it byte for byte.
+UPDATE idempotency_keys SET task_id = :task_id, response = CAST(:json AS json) WHERE key = :key;
+
+-- name: update_task
+-- Change the fields flagged set_*; a new scheduled_for also moves a pending task's run time.
+WITH u AS (
+    UPDATE tasks
+    SET title = CASE WHEN :set_title THEN :title ELSE title END,
+        description = CASE WHEN :set_description THEN :description ELSE description END,
+        priority = CASE WHEN :set_priority THEN CAST(:priority AS integer) ELSE priority END,
+        scheduled_for = CASE WHEN :set_scheduled_for
+                             THEN CAST(:scheduled_for AS timestamptz) ELSE scheduled_for END,
+        -- Only a pending task waits on run_after; for the others it belongs to the worker.
+        run_after = CASE WHEN :set_scheduled_for AND status = 'pending'
+                         THEN coalesce(CAST(:scheduled_for AS timestamptz), now())
+                         ELSE run_after END,
+        max_attempts = CASE WHEN :set_max_attempts
+                            THEN CAST(:max_attempts AS integer) ELSE max_attempts END,
+        updated_at = now()
+    WHERE id = :task_id
+    RETURNING *
+)
+SELECT u.id, {{ task_json(u) }}::text AS json,
+       taskapp_publish('task.updated', u.id, u.status, :instance_id, NULL,
+                       CASE WHEN :set_scheduled_for THEN u.run_after END) AS notified
+FROM u;
+
+-- name: delete_task
+-- Delete a task (its conversations and errors cascade) and send task.deleted.
+WITH d AS (
+    DELETE FROM tasks WHERE id = :task_id RETURNING id, status
+)
+SELECT id, taskapp_publish('task.deleted', id, status, :instance_id) AS notified FROM d;
+
+-- name: retry_task
+-- A task in one of :from_states back to pending with fresh attempts, its conversations active.
+WITH r AS (
+    UPDATE tasks
+    SET status = 'pending',
+        attempts = 0,
+        run_after = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        processing_instance_id = NULL,
+        processed_at = NULL,
+        updated_at = now()
+    WHERE id = :task_id AND status = ANY(CAST(:from_states AS text[]))
+    RETURNING id, status, run_after
+), reactivated AS (
+    UPDATE conversations
+    SET status = 'active', updated_at = now()
+    WHERE task_id IN (SELECT id FROM r) AND status <> 'active'
+)
+SELECT id, taskapp_publish('task.updated', id, status, :instance_id, NULL, run_after) AS notified
+FROM r;
+
+-- name: cancel_task
+-- A task in one of :from_states to cancelled; returns its JSON.
+WITH u AS (
+    UPDATE tasks
+    SET status = 'cancelled', updated_at = now()
+    WHERE id = :task_id AND status = ANY(CAST(:from_states AS text[]))
+    RETURNING *
+)
+SELECT u.id, {{ task_json(u) }}::text AS json,
+       taskapp_publish('task.cancelled', u.id, u.status, :instance_id) AS notified
+FROM u;
+
+-- name: create_conversation
+-- Add a conversation to a task (no row: no such task), send conversation.created.
+WITH t AS (
+    -- FOR KEY SHARE: the task can't be deleted meanwhile, yet workers can still update it.
+    SELECT id, status FROM tasks WHERE id = :task_id FOR KEY SHARE
+), c AS (
+    INSERT INTO conversations (task_id, content)
+    SELECT id, :content FROM t
+    RETURNING *
+)
+SELECT c.id, {{ conversation_json(c) }}::text AS json,
+       taskapp_publish('conversation.created', t.id, t.status, :instance_id, c.id) AS notified
+FROM c, t;
+
+-- name: list_conversations
+-- A task's conversations ordered by id; task_status NULL: no such task.
+SELECT (SELECT status FROM tasks WHERE id = :task_id) AS task_status,
+       (SELECT coalesce(json_agg({{ conversation_json(c) }} ORDER BY c.id), '[]')::text
+        FROM conversations AS c WHERE c.task_id = :task_id) AS json;
+
+-- name: get_conversation
+-- One conversation, as the API shows it.
+SELECT c.id, {{ conversation_json(c) }}::text AS json FROM conversations AS c
+WHERE c.id = :conversation_id;
+
+-- name: update_conversation
+-- Change the fields flagged set_*, send conversation.updated with its task's status.
+WITH u AS (
+    UPDATE conversations
+    SET content = CASE WHEN :set_content THEN :content ELSE content END,
+        status = CASE WHEN :set_status THEN :status ELSE status END,
+        updated_at = now()
+    WHERE id = :conversation_id
+    RETURNING *
+)
+SELECT u.id, {{ conversation_json(u) }}::text AS json,
+       taskapp_publish('conversation.updated', t.id, t.status, :instance_id, u.id) AS notified
+FROM u JOIN tasks AS t ON t.id = u.task_id;
