@@ -91,6 +91,12 @@ def test_claim_orders_by_priority_then_age(database, db_conn):
     assert order == [high, low_old, low_new, negative]
 
 
+def test_an_empty_queue_has_no_next_due_time(database, db_conn):
+    assert queue.seconds_until_next_due(database) is None
+    add_task(db_conn, delay_seconds=0)
+    assert queue.seconds_until_next_due(database) == 0
+
+
 def test_tasks_not_yet_due_are_not_claimed(database, db_conn):
     add_task(db_conn, "later", delay_seconds=60)
     assert claim_one(database) is None

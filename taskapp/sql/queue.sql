@@ -143,7 +143,10 @@ FROM rescued;
 
 -- name: seconds_until_next_due
 -- How long until the earliest pending task becomes claimable (NULL when none is waiting).
-SELECT greatest(extract(epoch FROM min(run_after) - now()), 0) AS seconds
+-- (greatest() skips NULLs: without the CASE an empty queue would read as "due now", and idle
+-- workers would spin.)
+SELECT CASE WHEN min(run_after) IS NOT NULL
+            THEN greatest(extract(epoch FROM min(run_after) - now()), 0) END AS seconds
 FROM tasks
 WHERE status = 'pending';
 

@@ -1,0 +1,68 @@
+"""An instance never holds more database connections than the README's formula of its
+settings, DB_POOL_SIZE + 1 (the pool and the listener), however busy it is."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import requests
+
+from tests.support import Load, wait_for
+
+POOL_SIZE = 4
+WORK_THREADS = 8
+REQUEST_THREADS = 16
+SAMPLE_SECONDS = 6.0
+
+
+def taskapp_connections(db_conn: psycopg.Connection) -> int:
+    """Connections of this test database opened by taskapp (the pool and the listener)."""
+    return db_conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'taskapp%' AND pid <> pg_backend_pid()"
+    ).fetchone()[0]
+
+
+def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) -> None:
+    instance = instances(
+        DB_POOL_SIZE=POOL_SIZE,
+        WORKER_CONCURRENCY=WORK_THREADS,
+        GUNICORN_THREADS=REQUEST_THREADS,
+        MAX_EVENT_STREAMS=4,
+    )
+    budget = POOL_SIZE + 1
+    assert instance.status()["database_connections"]["max"] == POOL_SIZE
+    metrics = requests.get(instance.url + "/metrics", timeout=5).text
+    assert f"taskapp_db_connections_max {float(budget)}" in metrics
+
+    # A stream makes the listener LISTEN for events too; it is one connection all the same.
+    stream = requests.get(instance.url + "/events", stream=True, timeout=10)
+    assert stream.status_code == 200
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(db_conn.info.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                samples.append(taskapp_connections(conn))
+                time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        # More clients than request threads, every work thread busy with the tasks they make.
+        with Load([instance.url], threads=REQUEST_THREADS * 2) as load:
+            sampler.start()
+            load.wait_more(300, timeout=60)
+            deadline = time.monotonic() + SAMPLE_SECONDS
+            wait_for(lambda: time.monotonic() > deadline, timeout=SAMPLE_SECONDS + 5)
+        assert not load.bad, load.bad[:3]
+    finally:
+        stop.set()
+        sampler.join(5)
+        stream.close()
+    assert samples, "no samples"
+    assert max(samples) <= budget, f"peak {max(samples)} > budget {budget}"
+    # The load really pressed the pool: otherwise the bound above would prove nothing.
+    assert max(samples) >= POOL_SIZE
