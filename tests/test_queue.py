@@ -8,6 +8,7 @@ from collections import Counter
 
 import psycopg
 import pytest
+
 from taskapp import queue
 from taskapp.config import normalize_database_url
 from taskapp.database import Database

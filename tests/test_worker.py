@@ -139,7 +139,7 @@ def test_stop_hands_back_a_running_task_without_spending_its_attempt(run_worker,
 def test_the_housekeeper_keeps_a_long_task_leased(run_worker, db_conn) -> None:
     release = threading.Event()
     task_id = add_task(db_conn)
-    worker, _ = run_worker(lambda task: release.wait(10), lease_seconds=1)
+    run_worker(lambda task: release.wait(10), lease_seconds=1)
     wait_for(lambda: status_of(db_conn, task_id) == "processing", what="the claim")
     first_expiry = task_row(db_conn, task_id)["lease_expires_at"]
     wait_for(
