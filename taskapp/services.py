@@ -169,13 +169,13 @@ def _conflict(
     return Conflict(action.conflict_message(task_id, row.status))
 
 
+def _action_params(task_id: int, instance_id: str | None, action: states.Action) -> dict[str, Any]:
+    return {"task_id": task_id, "instance_id": instance_id, "from_states": action.from_values}
+
+
 def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
     """Send a failed, cancelled or completed task back to pending with fresh attempts."""
-    params = {
-        "task_id": task_id,
-        "instance_id": instance_id,
-        "from_states": states.RETRY.from_values,
-    }
+    params = _action_params(task_id, instance_id, states.RETRY)
     with database.transaction() as conn:
         if database.fetchone("retry_task", params, conn=conn) is None:
             raise _conflict(database, conn, task_id, states.RETRY)
@@ -186,11 +186,7 @@ def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> 
 
 def cancel_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
     """Cancel a pending task; one already claimed by a worker is a Conflict."""
-    params = {
-        "task_id": task_id,
-        "instance_id": instance_id,
-        "from_states": states.CANCEL.from_values,
-    }
+    params = _action_params(task_id, instance_id, states.CANCEL)
     with database.connection() as conn:
         row = database.fetchone("cancel_task", params, conn=conn)
         if row is None:

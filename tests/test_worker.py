@@ -30,6 +30,17 @@ def add_task(conn: psycopg.Connection, *, max_attempts: int = 3, conversations: 
     return task_id
 
 
+class Gate:
+    """A processor that signals when it starts and returns only when told to."""
+
+    def __init__(self) -> None:
+        self.started, self.finish = threading.Event(), threading.Event()
+
+    def processor(self, task: TaskSnapshot) -> None:
+        self.started.set()
+        self.finish.wait(10)
+
+
 @pytest.fixture
 def gateway(settings: Settings) -> Iterator[Database]:
     gateway = Database(settings.database_url, pool_size=5)
@@ -98,19 +109,14 @@ def test_a_failing_processor_is_retried_then_failed(run_worker, db_conn) -> None
 
 
 def test_a_result_after_the_lease_was_lost_is_dropped(run_worker, db_conn, caplog) -> None:
-    started, finish = threading.Event(), threading.Event()
-
-    def slow(task: TaskSnapshot) -> None:
-        started.set()
-        finish.wait(10)
-
+    gate = Gate()
     task_id = add_task(db_conn)
-    worker, _ = run_worker(slow)
-    assert started.wait(10)
+    worker, _ = run_worker(gate.processor)
+    assert gate.started.wait(10)
     # Another claim took the task over (as a rescue after a stall would): a new token.
     db_conn.execute("UPDATE tasks SET lease_token = gen_random_uuid() WHERE id = %s", (task_id,))
     with caplog.at_level(logging.WARNING, logger="taskapp"):
-        finish.set()
+        gate.finish.set()
         wait_for(lambda: worker.current_task_ids == [], what="the worker letting go")
     assert status_of(db_conn, task_id) == "processing"  # the other holder's, untouched
     assert worker.processed_count == 0
@@ -118,19 +124,14 @@ def test_a_result_after_the_lease_was_lost_is_dropped(run_worker, db_conn, caplo
 
 
 def test_stop_hands_back_a_running_task_without_spending_its_attempt(run_worker, db_conn) -> None:
-    started, finish = threading.Event(), threading.Event()
-
-    def slow(task: TaskSnapshot) -> None:
-        started.set()
-        finish.wait(10)
-
+    gate = Gate()
     task_id = add_task(db_conn)
-    worker, _ = run_worker(slow)
-    assert started.wait(10)
+    worker, _ = run_worker(gate.processor)
+    assert gate.started.wait(10)
     assert worker.stop(grace=0.2) == 1
     row = task_row(db_conn, task_id)
     assert (row["status"], row["attempts"], row["lease_token"]) == ("pending", 0, None)
-    finish.set()
+    gate.finish.set()
     # The processor's late return is not recorded: the task stays handed back.
     wait_for(lambda: worker.current_task_ids == [], what="the thread letting go")
     assert status_of(db_conn, task_id) == "pending"
