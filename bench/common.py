@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from typing import Any
 
 import psycopg
 
+from tools.gunicorn_process import GunicornError, GunicornProcess, children, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 # The taskapp tree under test: this checkout, or another one (e.g. a branch with a proposed
@@ -39,7 +40,6 @@ WRK_SCRIPT = BENCH_DIR / "wrk" / "taskapp.lua"
 HELLO_CONFIG = BENCH_DIR / "hello_gunicorn.conf.py"
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_PREFIX = "taskapp_bench_"
-QUEUE_SQL = TASKAPP_ROOT / "taskapp" / "sql" / "queue.sql"
 
 
 class BenchError(RuntimeError):
@@ -336,24 +336,7 @@ def wait_completed(url: str, ids: IdRange, *, timeout: float, interval: float = 
     return elapsed
 
 
-def queue_statement(name: str) -> str:
-    """One named statement of taskapp/sql/queue.sql, with psycopg %(name)s placeholders."""
-    chunks = re.split(r"^-- name: ", QUEUE_SQL.read_text(), flags=re.MULTILINE)[1:]
-    for chunk in chunks:
-        stmt_name, _, body = chunk.partition("\n")
-        if stmt_name.strip() == name:
-            body = body.strip().rstrip(";").replace("%", "%%")
-            return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", body)
-    raise BenchError(f"no statement {name!r} in {QUEUE_SQL}")
-
-
 # -- servers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -367,64 +350,47 @@ class Server:
     ready_paths: tuple[str, ...] = ("/health",)
     cwd: Path = TASKAPP_ROOT
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    process: GunicornProcess | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.process is None else self.process.log_path
+
     def start(self, timeout: float = 60.0) -> Server:
         fd, path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
-        self.log_path = Path(path)
-        env = {**os.environ, **self.env, "PORT": str(self.port)}
-        cmd = [sys.executable, "-m", "gunicorn", "-c", str(self.config), self.app]
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.cwd, env=env, stdout=fd, stderr=subprocess.STDOUT, start_new_session=True
-        )
         os.close(fd)
-        self.wait_ready(timeout)
+        # Its own session: the bench's Ctrl-C is turned into a clean stop, and stop() can
+        # kill every worker of the group afterwards.
+        self.process = GunicornProcess(
+            self.port,
+            self.env,
+            config=self.config,
+            app=self.app,
+            cwd=self.cwd,
+            log_path=Path(path),
+            own_session=True,
+            name=self.name,
+        ).start()
+        try:
+            self.process.wait_ready(self.ready_paths, timeout=timeout)
+        except GunicornError as exc:
+            raise BenchError(str(exc)) from None
         return self
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            for path in self.ready_paths:
-                with (
-                    contextlib.suppress(OSError, urllib.error.URLError),
-                    urllib.request.urlopen(self.url + path, timeout=2) as response,
-                ):
-                    if response.status == 200:
-                        return
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
     def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        return children(self.proc.pid)
+        assert self.process is not None and self.process.pid is not None
+        return children(self.process.pid)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the master, wait, then SIGKILL the whole process group."""
-        if self.proc is None:
+        if self.process is None:
             return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not stop in {timeout}s; killing it")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        if self.process.stop(timeout) == -signal.SIGKILL:
+            log(f"{self.name} did not stop in {timeout}s; killed it")
         if self.log_path is not None and not os.environ.get("BENCH_KEEP_LOGS"):
             self.log_path.unlink(missing_ok=True)
 
@@ -475,17 +441,6 @@ def hello_server(**overrides: object) -> Server:
         ready_paths=("/",),
         cwd=ROOT,
     )
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of pid (gunicorn workers of a master)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-    return sorted(found)
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:

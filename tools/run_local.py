@@ -8,32 +8,27 @@ instance that dies on its own stops everything with exit status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
 from tools.embedded_pg import EmbeddedPostgres, port_is_free
+from tools.gunicorn_process import GunicornProcess, gunicorn_command
 
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+GUNICORN = gunicorn_command()  # what Instance runs
 DEFAULT_PORTS = (12000, 12001)
 PG_DATA_DIR = ROOT / ".pgdata"
 PG_PORT = 54329  # fixed, so the URL stays the same from run to run; 5432 is left to the system
 DATABASE_NAME = "taskdb"
 # An instance lets its current task run SHUTDOWN_GRACE_SECONDS (10) on SIGTERM; then some margin.
 STOP_TIMEOUT_SECONDS = 30
-PR_SET_PDEATHSIG = 1
 
 _output_lock = threading.Lock()
 
@@ -44,87 +39,32 @@ def say(message: str) -> None:
         print(f"run_local: {message}", flush=True)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launcher dies, even by SIGKILL (Linux only)."""
-    # Otherwise a killed launcher leaves gunicorns holding the ports, and the next run fails.
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Instance:
+class Instance(GunicornProcess):
     """One `gunicorn -c gunicorn.conf.py wsgi:app` on a port, its output prefixed with it."""
 
     def __init__(self, port: int, database_url: str) -> None:
-        self.port = port
-        self.url = f"http://localhost:{port}"
-        self._health_url = f"http://127.0.0.1:{port}/health"  # gunicorn binds IPv4 only
-        self.env = {
-            **os.environ,
-            "PORT": str(port),
+        env = {
             "DATABASE_URL": database_url,
             "PYTHONUNBUFFERED": "1",  # so the app's own prints reach us line by line
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._relay: threading.Thread | None = None
+        # A session of its own, so that a terminal Ctrl-C reaches only us: we turn it into
+        # SIGTERM (graceful) ourselves, as gunicorn takes SIGINT as quit-now.
+        super().__init__(port, env, relay=self._print, own_session=True, die_with_parent=True)
+        self.url = f"http://localhost:{port}"  # for people: the banner's links
 
-    def start(self) -> None:
-        """Start gunicorn in a session of its own, so a terminal Ctrl-C reaches only us."""
-        # We turn Ctrl-C into SIGTERM (graceful) ourselves: gunicorn takes SIGINT as quit-now.
-        self.proc = subprocess.Popen(
-            GUNICORN,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # safe: no thread runs yet (see Launcher.serve)
-        )
-        say(f"instance on port {self.port}: gunicorn pid {self.proc.pid}")
+    def _print(self, line: str) -> None:
+        with _output_lock:
+            print(f"[{self.port}] {line}", flush=True)
 
-    def relay_output(self) -> None:
-        """Copy the instance's output to ours, each line prefixed with its port, until EOF."""
-        assert self.proc is not None and self.proc.stdout is not None
-        stream = self.proc.stdout
-
-        def relay() -> None:
-            for raw in stream:
-                line = raw.decode(errors="replace").rstrip("\n")
-                with _output_lock:
-                    print(f"[{self.port}] {line}", flush=True)
-
-        self._relay = threading.Thread(target=relay, name=f"relay-{self.port}", daemon=True)
-        self._relay.start()
-
-    def finish_output(self) -> None:
-        """Wait (briefly) until the exited instance's last lines are printed."""
-        if self._relay is not None:
-            self._relay.join(timeout=5)
-
-    @property
-    def returncode(self) -> int | None:
-        """Return gunicorn's exit status, or None while it runs."""
-        return None if self.proc is None else self.proc.poll()
+    def start(self) -> Instance:
+        """Start gunicorn; its output is copied once relay_output() is called."""
+        super().start()
+        say(f"instance on port {self.port}: gunicorn pid {self.pid}")
+        return self
 
     def healthy(self) -> bool:
-        """Return whether GET /health answers 200."""
-        try:
-            with urllib.request.urlopen(self._health_url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False  # not listening yet, or 503 while the database is not reachable
-
-    def terminate(self) -> None:
-        """Ask gunicorn to stop gracefully (SIGTERM)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-
-    def kill(self) -> None:
-        """Kill gunicorn and its workers at once."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session holds master and workers
+        """Return whether GET /health answers 200 (not 503: the database is reachable)."""
+        return self.ready(("/health",))
 
 
 class Launcher:
@@ -240,18 +180,15 @@ class Launcher:
     def stop_instances(self) -> bool:
         """SIGTERM every instance, wait for them (killing on timeout); True if all exited 0."""
         for instance in self.instances:
-            instance.terminate()
+            instance.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
         for instance in self.instances:
-            assert instance.proc is not None
-            while instance.proc.poll() is None:
+            while instance.pid is not None and instance.returncode is None:
                 if self.hurry.is_set() or time.monotonic() > deadline:
                     say(f"killing instance on port {instance.port}")
-                    instance.kill()
-                    instance.proc.wait()
                     break
                 self.hurry.wait(0.1)
-            instance.kill()  # workers a master left behind, if any
+            instance.kill()  # the master after a timeout, else workers it left behind, if any
             instance.finish_output()
         if self.instances:
             codes = ", ".join(f"{i.port}: {i.returncode}" for i in self.instances)
