@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://user:password@localhost:5432/taskdb"
 
@@ -61,7 +62,7 @@ class Settings:
     auto_migrate: bool = True
     max_content_length: int = 1024 * 1024
     max_event_streams: int = 100
-    # Every statement of an instance shares this pool; see database.connection_budget.
+    # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
     event_keepalive_seconds: float = 15.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -75,7 +76,7 @@ class Settings:
             raw = env.get(name)
             return None if raw is None or raw.strip() == "" else raw.strip()
 
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         if (url := get("DATABASE_URL")) is not None:
             values["database_url"] = url
         numbers = {
@@ -124,6 +125,6 @@ class Settings:
         """How often an instance renews its leases and beats: several times a lease."""
         return min(self.lease_seconds / 3, 5.0)
 
-    def with_changes(self, **changes: object) -> Settings:
+    def with_changes(self, **changes: Any) -> Settings:
         """A copy with some settings changed (for tests and tools)."""
         return replace(self, **changes).validated()

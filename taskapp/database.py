@@ -288,7 +288,7 @@ class Database:
         *,
         row_factory: RowFactory[Any] = namedtuple_row,
         conn: psycopg.Connection[Any] | None = None,
-    ) -> Any | None:
+    ) -> Any:
         """The first row of a named statement, or None."""
         rows = self.fetch(name, params, row_factory=row_factory, conn=conn)
         return rows[0] if rows else None

@@ -75,9 +75,9 @@ def problem(
     }
     if errors is not None:
         body["errors"] = dict(errors)
-    response = current_app.json.response(body)
-    response.status_code = status
-    response.mimetype = PROBLEM_MIMETYPE
+    response = current_app.response_class(
+        f"{current_app.json.dumps(body)}\n", status=status, mimetype=PROBLEM_MIMETYPE
+    )
     response.headers.update(headers or {})
     return response
 

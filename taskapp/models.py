@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -32,10 +32,15 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from .extensions import db
 from .states import ConversationStatus, TaskStatus, sql_in
 
+if TYPE_CHECKING:
+    from .extensions import Base as Model  # what db.Model is, to a type checker
+else:
+    Model = db.Model
+
 TITLE_MAX_LENGTH = 255
 
 
-class Task(db.Model):
+class Task(Model):
     __tablename__ = "tasks"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -102,7 +107,7 @@ class Task(db.Model):
     )
 
 
-class Conversation(db.Model):
+class Conversation(Model):
     __tablename__ = "conversations"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -122,7 +127,7 @@ class Conversation(db.Model):
     )
 
 
-class TaskError(db.Model):
+class TaskError(Model):
     """One failed attempt of a task; the queue's fail statement keeps the newest few."""
 
     __tablename__ = "task_errors"
@@ -137,7 +142,7 @@ class TaskError(db.Model):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class TaskCount(db.Model):
+class TaskCount(Model):
     """Running task counts by status, kept by triggers on tasks (migration 0002).
 
     A status's count is the sum over its shards; reading it costs the same at any table size.
@@ -150,7 +155,7 @@ class TaskCount(db.Model):
     n: Mapped[int] = mapped_column(BigInteger)
 
 
-class Instance(db.Model):
+class Instance(Model):
     """A running instance's heartbeat, so that /status can list the whole cluster."""
 
     __tablename__ = "instances"
@@ -169,7 +174,7 @@ class Instance(db.Model):
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class IdempotencyKey(db.Model):
+class IdempotencyKey(Model):
     """The first response to a POST /tasks/ with an Idempotency-Key, replayed on repeats."""
 
     __tablename__ = "idempotency_keys"

@@ -94,7 +94,7 @@ EVENTS_TASK_ID = {
     "schema": _ID_SCHEMA,
 }
 PUBLIC: list[dict[str, list[str]]] = []  # `security: []`: no API key needed
-API_KEY = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+API_KEY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
 STREAM_KEY = [*API_KEY, {"apiKeyQuery": []}]  # EventSource and WebSocket can't send headers
 
 
@@ -420,12 +420,12 @@ def build_spec() -> dict[str, Any]:
     )
     for name, schema in COMPONENT_SCHEMAS.items():
         spec.components.schema(name, schema=schema)
-    for name, schema in EXTRA_SCHEMAS.items():
-        spec.components.schema(name, schema)
-    for code, (schema, description) in ERROR_RESPONSES.items():
+    for name, definition in EXTRA_SCHEMAS.items():
+        spec.components.schema(name, definition)
+    for code, (problem_schema, description) in ERROR_RESPONSES.items():
         response: dict[str, Any] = {
             "description": description,
-            "content": {PROBLEM_MIMETYPE: {"schema": schema}},
+            "content": {PROBLEM_MIMETYPE: {"schema": problem_schema}},
         }
         if code in _ERROR_HEADERS:
             response["headers"] = _ERROR_HEADERS[code]

@@ -2,6 +2,10 @@
 
 TEST_DATABASE_URL names a server to use (a database is created on it for the session and
 dropped afterwards); without it, an embedded PostgreSQL is started in .pgdata-test/.
+
+Every test is put in one tier at collection (pytest_collection_modifyitems below), so a new
+test lands in the right one without being marked by hand: `slow` (browser, benchmarks, real
+gunicorn processes, PostgreSQL restarts), `soak` (only when asked for), `fast` (the rest).
 """
 
 from __future__ import annotations
@@ -23,6 +27,51 @@ from taskapp.database import upgrade_schema
 from tests.support import ROOT, Instance
 
 TABLES = "tasks, conversations, task_errors, instances, idempotency_keys"
+
+# Whole modules in the slow tier: headless Chromium, the benchmarks, faults, outages and shutdowns
+# on several gunicorn processes, PostgreSQL restarts, run_local.py's stack.
+SLOW_MODULES = frozenset(
+    {
+        "test_bench",
+        "test_dashboard",
+        "test_faults",
+        "test_outages",
+        "test_run_local",
+        "test_shutdown",
+        "test_soak",
+    }
+)
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
+        return True
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in SLOW_MODULES:
+        return True
+    # `instances` starts gunicorn processes.
+    if "instances" in item.fixturenames:
+        return True
+    # A test asking for the server itself, not the session's database, makes its own databases,
+    # servers or instances. server_url is in every database test's closure through database_url,
+    # so only the test's own arguments and its other fixtures' count.
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    asked = set(info.argnames)
+    for name, fixturedefs in info.name2fixturedefs.items():
+        if name != "database_url":
+            for fixturedef in fixturedefs:
+                asked.update(fixturedef.argnames)
+    return "server_url" in asked
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put each test in the `slow` or the `fast` tier; soak tests are in neither."""
+    for item in items:
+        if not item.get_closest_marker("soak"):
+            item.add_marker(pytest.mark.slow if _is_slow(item) else pytest.mark.fast)
 
 
 def _server_url() -> Iterator[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from flask_sock import Sock
@@ -56,7 +57,7 @@ def server_sent_events():
 
 
 @sock.route("/ws", bp=bp)
-def websocket(ws) -> None:
+def websocket(ws: Any) -> None:
     keepalive = current_app.config["TASKAPP"].event_keepalive_seconds
     with _subscribe() as subscription:
         while not subscription.closed and ws.connected:
