@@ -144,10 +144,9 @@ def app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings)
     app.config["TESTING"] = True
     yield app
-    from taskapp.extensions import db
+    from taskapp.database import get_database
 
-    with app.app_context():
-        db.engine.dispose()
+    get_database(app).close()  # the app's pool: its connections must not outlive the test
 
 
 @pytest.fixture

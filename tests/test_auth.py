@@ -19,10 +19,9 @@ def secured(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings.with_changes(api_keys=KEYS))
     app.config["TESTING"] = True
     yield app.test_client()
-    from taskapp.extensions import db
+    from taskapp.database import get_database
 
-    with app.app_context():
-        db.engine.dispose()
+    get_database(app).close()  # the app's pool: its connections must not outlive the test
 
 
 GUARDED = [

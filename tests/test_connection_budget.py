@@ -17,11 +17,13 @@ REQUEST_THREADS = 16
 SAMPLE_SECONDS = 6.0
 
 
-def taskapp_connections(db_conn: psycopg.Connection) -> int:
-    """Connections of this test database opened by taskapp (the pool and the listener)."""
+def instance_connections(db_conn: psycopg.Connection, pool_name: str) -> int:
+    """Connections of this test database opened by the instance: its pool, named after its
+    instance id, and the listener (no other instance runs during this test)."""
     return db_conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name LIKE 'taskapp%' AND pid <> pg_backend_pid()"
+        " AND application_name IN (%s, 'taskapp-listener')",
+        (pool_name,),
     ).fetchone()[0]
 
 
@@ -33,7 +35,9 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
         MAX_EVENT_STREAMS=4,
     )
     budget = POOL_SIZE + 1
-    assert instance.status()["database_connections"]["max"] == POOL_SIZE
+    status = instance.status()
+    assert status["database_connections"]["max"] == POOL_SIZE
+    pool_name = f"taskapp:{status['instance_id'][:8]}"
     metrics = requests.get(instance.url + "/metrics", timeout=5).text
     assert f"taskapp_db_connections_max {float(budget)}" in metrics
 
@@ -46,7 +50,7 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
     def sample() -> None:
         with psycopg.connect(db_conn.info.dsn, autocommit=True) as conn:
             while not stop.is_set():
-                samples.append(taskapp_connections(conn))
+                samples.append(instance_connections(conn, pool_name))
                 time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -7,8 +7,10 @@ Create Date: 2026-12-01 23:30:00
 Every change of a task or conversation sends one JSON event on `taskapp_events`, inside the
 changing transaction (so it goes out only on commit). Its shape used to be spelled out in
 Python and five times in the queue's SQL; now it exists here alone. Given the `run_after` of a
-`pending` task that is due, it also wakes idle workers on `taskapp_wakeup`: the task has just
-become claimable. `at` has the API's time format: microseconds only when non-zero.
+`pending` task due within the hour, it also wakes idle workers on `taskapp_wakeup`: they claim
+it if it is due, or else sleep until it instead of for a whole poll interval (a task due later
+is found by their regular polls). `at` has the API's time format: microseconds only when
+non-zero.
 """
 
 from alembic import op
@@ -38,7 +40,7 @@ BEGIN
             'type', event_type, 'task_id', task_id, 'status', status,
             'instance_id', instance_id, 'at', at, 'conversation_id', conversation_id)
     END::text);
-    IF status = 'pending' AND run_after <= now() THEN
+    IF status = 'pending' AND run_after <= now() + interval '1 hour' THEN
         PERFORM pg_notify('taskapp_wakeup', '');
     END IF;
 END

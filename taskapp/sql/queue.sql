@@ -1,7 +1,7 @@
 -- The queue's SQL: every statement that claims, finishes or takes back a task.
 -- Each statement starts with "-- name: NAME" and a one-line purpose; taskapp/queue.py loads them.
 -- Events are sent with taskapp_publish() (migration 0004) inside the same statement, so they
--- go out only on commit; given the due run_after of a pending task, it also wakes idle workers.
+-- go out only on commit; given the run_after of a pending task due soon, it wakes idle workers.
 
 -- name: complete_and_claim
 -- Finish a task for the lease holder, then lease the most urgent due pending tasks (lock,

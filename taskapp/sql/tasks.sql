@@ -2,7 +2,7 @@
 -- Each statement starts with "-- name: NAME" and a one-line purpose (taskapp/statements.py).
 -- {{ task_json(t) }} and its siblings are the API's JSON of a row, generated from the output
 -- schemas (taskapp/representation.py). Events go out through taskapp_publish() (migration
--- 0004), on commit; given a due run_after of a pending task, it also wakes idle workers.
+-- 0004), on commit; given the run_after of a pending task due soon, it wakes idle workers.
 
 -- name: get_task
 -- One task with its conversations and error history, as GET /tasks/{id} shows it.
