@@ -265,3 +265,32 @@ def test_task_processor_loads_either_form(settings) -> None:
         assert callable(processor)
     with pytest.raises(ConfigError, match="cannot be loaded"):
         load_processor(settings.with_changes(task_processor="tests.processors:nothing"))
+
+
+def test_a_hand_back_at_shutdown_keeps_the_checkpoints(run_worker, db_conn) -> None:
+    task_id = add_task(db_conn, conversations=2)
+    first, second = (c["id"] for c in conversations(db_conn, task_id))
+    checkpointed, release = threading.Event(), threading.Event()
+    seen: list[TaskSnapshot] = []
+
+    def processor(task: TaskSnapshot, context: Context) -> None:
+        seen.append(task)
+        if len(seen) == 1:
+            context.checkpoint(first, "before the stop")
+            checkpointed.set()
+            release.wait(10)
+            with pytest.raises(LeaseLost):  # handed back meanwhile: nothing more is recorded
+                context.checkpoint(second, "too late")
+
+    worker, _ = run_worker(processor)
+    assert checkpointed.wait(10)
+    assert worker.stop(grace=0.2) == 1
+    release.set()
+    wait_for(lambda: worker.current_task_ids == [], what="the thread letting go")
+    row = task_row(db_conn, task_id)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert conversation_statuses(db_conn, task_id) == ["processed", "active"]
+    run_worker(processor)  # the next instance gets only what is left
+    wait_for(lambda: status_of(db_conn, task_id) == "completed", what="completion")
+    assert [c.id for c in seen[1].conversations] == [second]
+    assert [(p.id, p.result) for p in seen[1].processed] == [(first, "before the stop")]
