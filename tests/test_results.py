@@ -294,3 +294,13 @@ def test_a_hand_back_at_shutdown_keeps_the_checkpoints(run_worker, db_conn) -> N
     wait_for(lambda: status_of(db_conn, task_id) == "completed", what="completion")
     assert [c.id for c in seen[1].conversations] == [second]
     assert [(p.id, p.result) for p in seen[1].processed] == [(first, "before the stop")]
+
+
+def test_result_max_bytes_is_read_and_checked_at_start() -> None:
+    from taskapp.config import Settings
+
+    assert Settings.from_env({}).result_max_bytes == 1024 * 1024
+    assert Settings.from_env({"RESULT_MAX_BYTES": "4096"}).result_max_bytes == 4096
+    for bad in ("0", "-1", "1.5", "big"):
+        with pytest.raises(ConfigError, match="RESULT_MAX_BYTES"):
+            Settings.from_env({"RESULT_MAX_BYTES": bad})
