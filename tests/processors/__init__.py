@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -42,3 +43,12 @@ def checkpoint_each(task: TaskSnapshot, context: Context) -> dict[str, int]:
             file.write(f"{conversation.id}\n")
         context.checkpoint(conversation.id, {"length": len(conversation.content)})
     return {"done_now": len(task.conversations), "done_before": len(task.processed)}
+
+
+def record_contents(task: TaskSnapshot) -> None:
+    """Sleep TEST_PROCESSOR_SECONDS (default 1), then append each conversation it saw, as a
+    JSON line of id and content, to the file TEST_PROCESSOR_RECORD names."""
+    time.sleep(float(os.environ.get("TEST_PROCESSOR_SECONDS", "1")))
+    with open(os.environ["TEST_PROCESSOR_RECORD"], "a") as file:
+        for conversation in task.conversations:
+            file.write(json.dumps({"id": conversation.id, "content": conversation.content}) + "\n")
