@@ -295,15 +295,15 @@ class Worker:
                     self.database, claimed, instance_id=self.instance_id, result=result
                 )
                 return outcome, []
-            except psycopg.DataError as exc:
-                if error is not None or result is None:
-                    raise
-                # PostgreSQL refused the result itself: retrying can't help; the attempt fails.
-                error = describe_error(
-                    ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
-                )
-                result = None
             except Exception as exc:
+                if isinstance(exc, psycopg.DataError) and error is None and result is not None:
+                    # PostgreSQL refused the result itself: retrying can't help; the attempt
+                    # fails instead (other errors, outages among them, are retried below).
+                    error = describe_error(
+                        ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
+                    )
+                    result = None
+                    continue
                 if not backoff.current:
                     log.warning(
                         "task %d: could not record its result yet (%s); retrying",

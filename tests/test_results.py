@@ -304,3 +304,14 @@ def test_result_max_bytes_is_read_and_checked_at_start() -> None:
     for bad in ("0", "-1", "1.5", "big"):
         with pytest.raises(ConfigError, match="RESULT_MAX_BYTES"):
             Settings.from_env({"RESULT_MAX_BYTES": bad})
+
+
+def test_a_result_postgresql_refuses_fails_the_attempt(run_worker, db_conn, monkeypatch) -> None:
+    # Whatever encode_result() let through and jsonb still refuses is a failed attempt, not a
+    # write retried until the lease runs out.
+    monkeypatch.setattr("taskapp.worker.encode_result", lambda value, limit: '"\\u0000"')
+    task_id = add_task(db_conn, max_attempts=1)
+    run_worker(lambda task: "anything")
+    wait_for(lambda: status_of(db_conn, task_id) == "failed", what="the failure")
+    (error,) = task_errors(db_conn, task_id)
+    assert error["error"].startswith("ResultNotStorable: PostgreSQL refused the result")
