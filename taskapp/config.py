@@ -61,6 +61,8 @@ class Settings:
     log_format: str = "text"
     auto_migrate: bool = True
     max_content_length: int = 1024 * 1024
+    # The largest JSON a processor may return (or checkpoint) as a result, in bytes.
+    result_max_bytes: int = 1024 * 1024
     max_event_streams: int = 100
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
@@ -89,6 +91,7 @@ class Settings:
             "RETRY_BASE_SECONDS": ("retry_base_seconds", float, 0),
             "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
             "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
+            "RESULT_MAX_BYTES": ("result_max_bytes", int, 1),
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),

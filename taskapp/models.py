@@ -61,6 +61,11 @@ class Task(Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the processor returned (JSON), for the API and the dashboard.
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    # The current claim's snapshot, {"conversation id": revision}: what its attempt may mark
+    # processed (an edit or a new conversation after the claim is not in it).
+    claim_snapshot: Mapped[dict[str, int] | None] = mapped_column(JSONB)
 
     conversations: Mapped[list[Conversation]] = relationship(
         back_populates="task",
@@ -118,6 +123,11 @@ class Conversation(Model):
     status: Mapped[str] = mapped_column(String(16), server_default=ConversationStatus.ACTIVE.value)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The processor's result for it (a checkpoint's, or none), and when it turned processed.
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by every content edit: an attempt marks processed only the revision it saw.
+    revision: Mapped[int] = mapped_column(Integer, server_default="0")
 
     task: Mapped[Task] = relationship(back_populates="conversations")
 

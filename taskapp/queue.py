@@ -17,7 +17,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from .database import Database
-from .processor import ConversationSnapshot, TaskSnapshot
+from .processor import ConversationSnapshot, ProcessedConversation, TaskSnapshot
 from .states import TaskStatus
 
 # Failed attempts kept per task (the fail statement trims older ones).
@@ -43,7 +43,9 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a fenced write did: applied=False means the lease was lost (or the task deleted)."""
+    """What a fenced write did: applied=False means the lease was lost (or the task deleted).
+    A completion's status is `completed`, or `pending` when conversations it never saw are
+    still active (a continuation run follows, without spending an attempt)."""
 
     applied: bool
     status: str | None = None
@@ -56,34 +58,80 @@ def claim(database: Database, *, instance_id: str, limit: int, lease_seconds: fl
 
 
 def complete_and_claim(
-    database: Database, claimed: Claim, *, instance_id: str, limit: int, lease_seconds: float
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    limit: int,
+    lease_seconds: float,
+    result: str | None = None,
 ) -> tuple[Outcome, list[Claim]]:
-    """Complete a task and claim the next ones in one statement (the worker's busy path)."""
-    return _complete_and_claim(database, claimed, instance_id, limit, lease_seconds)
+    """Complete a task and claim the next ones in one statement (the worker's busy path);
+    `result` is the processor's return value as JSON text (processor.encode_result)."""
+    return _complete_and_claim(database, claimed, instance_id, limit, lease_seconds, result)
 
 
-def complete(database: Database, claimed: Claim, *, instance_id: str) -> Outcome:
-    """Complete a task, every conversation processed, for the holder of its lease."""
-    outcome, _ = _complete_and_claim(database, claimed, instance_id, 0, 0)
+def complete(
+    database: Database, claimed: Claim, *, instance_id: str, result: str | None = None
+) -> Outcome:
+    """Complete a task for the holder of its lease: the conversations of its snapshot, unless
+    edited since, turn processed; with others still active it goes back to pending instead."""
+    outcome, _ = _complete_and_claim(database, claimed, instance_id, 0, 0, result)
     return outcome
 
 
 def _complete_and_claim(
-    database: Database, claimed: Claim | None, instance_id: str, limit: int, lease_seconds: float
+    database: Database,
+    claimed: Claim | None,
+    instance_id: str,
+    limit: int,
+    lease_seconds: float,
+    result: str | None = None,
 ) -> tuple[Outcome, list[Claim]]:
-    rows = database.fetch(
-        "complete_and_claim",
-        {
-            "task_id": claimed.task.id if claimed else None,
-            "lease_token": claimed.lease_token if claimed else None,
-            "instance_id": instance_id,
-            "limit": limit,
-            "lease_seconds": lease_seconds,
-        },
-    )
+    params = {
+        "task_id": claimed.task.id if claimed else None,
+        "lease_token": claimed.lease_token if claimed else None,
+        "instance_id": instance_id,
+        "limit": limit,
+        "lease_seconds": lease_seconds,
+    }
+    if claimed is None or result is None:
+        rows = database.fetch("complete_and_claim", params)
+    else:
+        # The result commits with the completion (and its event), or not at all.
+        with database.transaction() as conn:
+            rows = database.fetch("complete_and_claim", params, conn=conn)
+            if rows[0].completed:
+                database.fetch(
+                    "set_result", {"task_id": claimed.task.id, "result": result}, conn=conn
+                )
     applied = bool(rows[0].completed)
-    outcome = Outcome(applied=applied, status="completed" if applied else None)
+    outcome = Outcome(applied=applied, status=rows[0].finished_status if applied else None)
     return outcome, _claims([row for row in rows if row.id is not None])
+
+
+def checkpoint(
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    conversation_id: int,
+    result: str | None,
+) -> Outcome:
+    """Mark one conversation of the claim processed with its result (JSON text), fenced by the
+    lease. applied=False: the lease is lost; status `processed`, or None when the conversation
+    was edited or deleted since the claim, or already done."""
+    row = _fenced(
+        database,
+        "checkpoint",
+        claimed,
+        instance_id,
+        conversation_id=conversation_id,
+        result=result,
+    )
+    if row is None or not row.held:
+        return Outcome(applied=False)
+    return Outcome(applied=True, status="processed" if row.checkpointed else None)
 
 
 def _claims(rows: list[Any]) -> list[Claim]:
@@ -98,6 +146,10 @@ def _claims(rows: list[Any]) -> list[Claim]:
                 conversations=tuple(
                     ConversationSnapshot(id=c["id"], content=c["content"])
                     for c in _json(row.conversations)
+                ),
+                processed=tuple(
+                    ProcessedConversation(id=c["id"], result=c["result"])
+                    for c in _json(row.processed)
                 ),
             ),
             lease_token=row.lease_token,

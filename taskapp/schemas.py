@@ -165,6 +165,16 @@ class ConversationOut(Schema):
     status = fields.String(required=True, validate=validate.OneOf(CONVERSATION_STATUSES))
     created_at = Timestamp(required=True)
     updated_at = Timestamp(required=True)
+    processed_at = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "When it turned processed; null while active."},
+    )
+    result = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The processor's checkpointed result (any JSON), or null."},
+    )
 
 
 class TaskErrorOut(Schema):
@@ -191,6 +201,11 @@ class _TaskOutBase(Schema):
 
 
 class TaskOut(_TaskOutBase):
+    result = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"description": "What the processor returned (any JSON), or null."},
+    )
     conversations = fields.List(fields.Nested(ConversationOut), required=True)
     errors = fields.List(
         fields.Nested(TaskErrorOut),

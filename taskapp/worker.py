@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+
+import psycopg
 
 from . import metrics, queue
 from .config import Settings
 from .database import Database
-from .processor import Processor
+from .processor import Context, LeaseLost, Processor, ProcessorContractError, adapt, encode_result
 from .queue import Claim
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,10 @@ def describe_error(exc: BaseException) -> str:
 def short_error(exc: BaseException) -> str:
     """An exception on one log line."""
     return describe_error(exc).splitlines()[0][:300]
+
+
+class ResultNotStorable(ProcessorContractError):
+    """A result encode_result() let through but PostgreSQL refused."""
 
 
 class Backoff:
@@ -60,7 +67,8 @@ class Worker:
     ) -> None:
         self.database = database
         self.settings = settings
-        self.processor = processor
+        # Either form of processor, called as (task, context); decided once, here.
+        self.processor = adapt(processor)
         self.instance_id = instance_id
         self.started_at = datetime.now(UTC)
         self.processed_count = 0
@@ -211,8 +219,10 @@ class Worker:
         log.debug("task %d claimed (attempt %d)", task.id, task.attempts, extra=extra)
         started = time.monotonic()
         error: str | None = None
+        result: str | None = None
+        context = Context(task, self._checkpointer(claimed), self.settings.result_max_bytes)
         try:
-            self.processor(task)
+            result = encode_result(self.processor(task, context), self.settings.result_max_bytes)
         except Exception as exc:
             error = describe_error(exc)
         duration = time.monotonic() - started
@@ -222,7 +232,7 @@ class Worker:
                     log.info("task %d was handed back during shutdown", task.id, extra=extra)
                     return []
                 self._finishing.add(task.id)
-            outcome, next_claims = self._record(claimed, error, claim_next=claim_next)
+            outcome, next_claims = self._record(claimed, error, result, claim_next=claim_next)
         finally:
             with self._lock:
                 self._held.pop(task.id, None)
@@ -231,8 +241,29 @@ class Worker:
             self._report(claimed, outcome, error, duration)
         return next_claims
 
+    def _checkpointer(self, claimed: Claim) -> Callable[[int, str | None], bool]:
+        """The context's checkpoint write for this claim: True when the conversation is now
+        processed; LeaseLost once the claim no longer holds the task."""
+
+        def write(conversation_id: int, result: str | None) -> bool:
+            outcome = queue.checkpoint(
+                self.database,
+                claimed,
+                instance_id=self.instance_id,
+                conversation_id=conversation_id,
+                result=result,
+            )
+            if not outcome.applied:
+                raise LeaseLost(
+                    f"task {claimed.task.id}: this attempt no longer holds its lease; "
+                    f"conversation {conversation_id} was not checkpointed"
+                )
+            return outcome.status == "processed"
+
+        return write
+
     def _record(
-        self, claimed: Claim, error: str | None, *, claim_next: bool
+        self, claimed: Claim, error: str | None, result: str | None, *, claim_next: bool
     ) -> tuple[queue.Outcome | None, list[Claim]]:
         """Write the attempt's result, retrying through database errors for a while; None
         when it could not be written (the lease runs out and the task runs again)."""
@@ -257,10 +288,22 @@ class Worker:
                         instance_id=self.instance_id,
                         limit=1,
                         lease_seconds=self.settings.lease_seconds,
+                        result=result,
                     )
                     return outcome, self._hold(next_claims)
-                return queue.complete(self.database, claimed, instance_id=self.instance_id), []
+                outcome = queue.complete(
+                    self.database, claimed, instance_id=self.instance_id, result=result
+                )
+                return outcome, []
             except Exception as exc:
+                if isinstance(exc, psycopg.DataError) and error is None and result is not None:
+                    # PostgreSQL refused the result itself: retrying can't help; the attempt
+                    # fails instead (other errors, outages among them, are retried below).
+                    error = describe_error(
+                        ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
+                    )
+                    result = None
+                    continue
                 if not backoff.current:
                     log.warning(
                         "task %d: could not record its result yet (%s); retrying",
@@ -291,6 +334,15 @@ class Worker:
             log.warning(
                 "task %d: lease lost or task deleted while processing; result dropped",
                 task.id,
+                extra=extra,
+            )
+        elif error is None and outcome.status == "pending":
+            self.processed_count += 1
+            log.info(
+                "task %d ran in %.3fs; conversations added or edited meanwhile are still "
+                "active: back to pending for a continuation run",
+                task.id,
+                duration,
                 extra=extra,
             )
         elif error is None:

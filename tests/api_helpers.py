@@ -24,9 +24,19 @@ TASK_FIELDS = [
     "processed_at",
     "processing_instance_id",
 ]
-TASK_DETAIL_FIELDS = [*TASK_FIELDS, "conversations", "errors"]
+# A task's `result` (the processor's return value) is in its detail, not in the list.
+TASK_DETAIL_FIELDS = [*TASK_FIELDS, "result", "conversations", "errors"]
 TASK_LIST_FIELDS = [*TASK_FIELDS, "conversation_count"]
-CONVERSATION_FIELDS = ["id", "task_id", "content", "status", "created_at", "updated_at"]
+CONVERSATION_FIELDS = [
+    "id",
+    "task_id",
+    "content",
+    "status",
+    "created_at",
+    "updated_at",
+    "processed_at",
+    "result",
+]
 # The tables an API request may write; `instances` belongs to running workers.
 API_TABLES = ("tasks", "conversations", "task_errors", "idempotency_keys")
 _UTC_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00")
@@ -71,6 +81,7 @@ def assert_conversation_shape(conversation: dict[str, Any]) -> None:
     assert list(conversation) == CONVERSATION_FIELDS
     assert_utc_time(conversation["created_at"])
     assert_utc_time(conversation["updated_at"])
+    assert_utc_time(conversation["processed_at"], nullable=True)
 
 
 def dump_tables(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:

@@ -23,7 +23,10 @@ from psycopg import sql
 
 from taskapp import create_app
 from taskapp.config import Settings
-from taskapp.database import upgrade_schema
+from taskapp.database import Database, upgrade_schema
+from taskapp.housekeeper import Housekeeper
+from taskapp.processor import Processor
+from taskapp.worker import Worker
 from tests.support import ROOT, Instance
 
 TABLES = "tasks, conversations, task_errors, instances, idempotency_keys"
@@ -167,3 +170,39 @@ def instances(database_url: str) -> Iterator[Callable[..., Instance]]:
     yield start
     for instance in started:
         instance.stop(timeout=20)
+
+
+# -- the worker in-process (tests/test_worker.py, tests/test_results.py) ----------------------
+
+
+@pytest.fixture
+def gateway(settings: Settings) -> Iterator[Database]:
+    gateway = Database(settings.database_url, pool_size=5)
+    yield gateway
+    gateway.close()
+
+
+@pytest.fixture
+def run_worker(
+    gateway: Database, settings: Settings
+) -> Iterator[Callable[..., tuple[Worker, Housekeeper]]]:
+    """Start a worker (and its housekeeper) with a processor; both are stopped afterwards."""
+    started: list[tuple[Worker, Housekeeper]] = []
+
+    def start(processor: Processor, **changes: object) -> tuple[Worker, Housekeeper]:
+        config = settings.with_changes(**changes)
+        worker = Worker(
+            database=gateway, settings=config, processor=processor, instance_id="in-process"
+        )
+        housekeeper = Housekeeper(
+            database=gateway, settings=config, instance_id="in-process", worker=worker
+        )
+        worker.start()
+        housekeeper.start()
+        started.append((worker, housekeeper))
+        return worker, housekeeper
+
+    yield start
+    for worker, housekeeper in started:
+        worker.stop(grace=0)
+        housekeeper.stop()

@@ -292,3 +292,29 @@ def test_with_api_keys_the_page_asks_for_a_key_and_works_with_it(browser, instan
     browser.find_element("css selector", "#create-form button[type=submit]").click()
     until(browser, lambda: task_row_status(browser, 1) == "completed", what="task 1 completed")
     assert console_errors(browser) == []
+
+
+def test_a_tasks_page_shows_its_result_and_its_conversations_results(browser, instances):
+    a = instances(TASK_PROCESSOR="examples.sentiment:process")
+    body = {
+        "title": "feedback",
+        "conversations": [{"content": "<b>I love it</b>, wonderful!"}, {"content": "Awful."}],
+    }
+    task = requests.post(f"{a.url}/tasks/", json=body, timeout=10).json()
+    wait_for(
+        lambda: (
+            requests.get(f"{a.url}/tasks/{task['id']}", timeout=5).json()["status"] == "completed"
+        ),
+        what="the task to complete",
+    )
+    browser.get(f"{a.url}/dashboard/tasks/{task['id']}")
+    until(browser, lambda: js(browser, "return document.body.dataset.taskStatus") == "completed")
+    result = browser.find_element("id", "task-result").text
+    assert '"positive": 1' in result and '"negative": 1' in result, result
+    shown = [e.text for e in browser.find_elements("css selector", ".conversation-result")]
+    assert len(shown) == 2 and '"sentiment":"positive"' in shown[0], shown
+    assert '"sentiment":"negative"' in shown[1], shown
+    # Content and results are text, never markup.
+    assert browser.find_elements("css selector", "#conversations b") == []
+    assert "<b>I love it</b>" in browser.find_element("id", "conversations").text
+    assert console_errors(browser) == []

@@ -247,3 +247,62 @@ def test_a_processor_that_always_fails_ends_failed_after_max_attempts(instances,
     assert conversation_statuses(db_conn, task["id"]) == ["active"]
     shown = requests.get(f"{instance.url}/tasks/{task['id']}", timeout=5).json()
     assert [e["attempt"] for e in shown["errors"]] == [1, 2, 3]
+
+
+def processed_count(conn: psycopg.Connection, task_id: int) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM conversations WHERE task_id = %s AND status = 'processed'",
+        (task_id,),
+    ).fetchone()[0]
+
+
+def test_a_killed_instances_checkpoints_survive_and_the_rescue_does_only_the_rest(
+    instances, db_conn, tmp_path
+):
+    # 100 conversations of ~50 ms, each checkpointed; kill -9 half-way; the rescuer must
+    # redo at most the one conversation that was in flight.
+    record = tmp_path / "finished.txt"
+    record.touch()
+    group = start_together(
+        instances,
+        2,
+        TASK_PROCESSOR="tests.processors:checkpoint_each",
+        TEST_PROCESSOR_SECONDS=0.05,
+        TEST_PROCESSOR_RECORD=record,
+        LEASE_SECONDS=2,
+        SHUTDOWN_GRACE_SECONDS=0,
+    )
+    task = create_task(group[0].url, "checkpointed", conversations=100)
+    victim = holder_of(db_conn, task["id"], group)
+    wait_for(
+        lambda: processed_count(db_conn, task["id"]) >= 50,
+        timeout=30,
+        interval=0.01,
+        what="half of the conversations checkpointed",
+    )
+    victim.kill()
+    at_kill = processed_count(db_conn, task["id"])
+    assert 50 <= at_kill < 100, at_kill
+
+    done = wait_for(
+        lambda: (r := task_row(db_conn, task["id"]))["status"] == "completed" and r,
+        timeout=30,
+        what="the task completed after the rescue",
+    )
+    assert done["attempts"] == 2
+    # The rescuing attempt got only the conversations not checkpointed (a checkpoint the
+    # server finished just after the kill counts as done too).
+    before, now = done["result"]["done_before"], done["result"]["done_now"]
+    assert before + now == 100 and at_kill <= before <= at_kill + 1, done["result"]
+    assert conversation_statuses(db_conn, task["id"]) == ["processed"] * 100
+    results = db_conn.execute(
+        "SELECT count(*) FROM conversations WHERE task_id = %s AND result IS NOT NULL",
+        (task["id"],),
+    ).fetchone()[0]
+    assert results == 100  # every one checkpointed, by one attempt or the other
+    finished = [int(line) for line in record.read_text().split()]
+    ids = [c["id"] for c in task["conversations"]]
+    assert sorted(set(finished)) == ids
+    twice = [i for i in set(finished) if finished.count(i) > 1]
+    print(f"\nkilled at {at_kill}/100 checkpointed; processed twice: {twice}")
+    assert len(twice) <= 1 and all(finished.count(i) == 2 for i in twice), twice

@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import psycopg
-import pytest
 
 from taskapp.config import Settings
 from taskapp.database import Database
 from taskapp.housekeeper import Housekeeper
-from taskapp.processor import Processor, TaskSnapshot
+from taskapp.processor import TaskSnapshot
 from taskapp.worker import Worker
 from tests.support import conversation_statuses, task_errors, task_row, wait_for
 
@@ -39,39 +37,6 @@ class Gate:
     def processor(self, task: TaskSnapshot) -> None:
         self.started.set()
         self.finish.wait(10)
-
-
-@pytest.fixture
-def gateway(settings: Settings) -> Iterator[Database]:
-    gateway = Database(settings.database_url, pool_size=5)
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture
-def run_worker(
-    gateway: Database, settings: Settings
-) -> Iterator[Callable[..., tuple[Worker, Housekeeper]]]:
-    """Start a worker (and its housekeeper) with a processor; both are stopped afterwards."""
-    started: list[tuple[Worker, Housekeeper]] = []
-
-    def start(processor: Processor, **changes: object) -> tuple[Worker, Housekeeper]:
-        config = settings.with_changes(**changes)
-        worker = Worker(
-            database=gateway, settings=config, processor=processor, instance_id="in-process"
-        )
-        housekeeper = Housekeeper(
-            database=gateway, settings=config, instance_id="in-process", worker=worker
-        )
-        worker.start()
-        housekeeper.start()
-        started.append((worker, housekeeper))
-        return worker, housekeeper
-
-    yield start
-    for worker, housekeeper in started:
-        worker.stop(grace=0)
-        housekeeper.stop()
 
 
 def status_of(conn: psycopg.Connection, task_id: int) -> str:

@@ -7,23 +7,51 @@
 -- Finish a task for the lease holder, then lease the most urgent due pending tasks (lock,
 -- update, return), in one round trip. It is also the plain claim (:task_id NULL completes
 -- nothing) and the plain completion (:limit 0 claims nothing). One row per new claim; with
--- none, a single row of NULLs. `completed` is 1 when the completion applied (0: lease lost,
--- task deleted, or nothing to complete).
-WITH done AS (
-    UPDATE tasks
-    SET status = 'completed',
-        processed_at = now(),
+-- none, a single row of NULLs. `completed` is 1 when the finish applied (0: lease lost, task
+-- deleted, or nothing to complete), `finished_status` what it did: `completed`, or `pending`
+-- when conversations the attempt never saw (added or edited after the claim) are still active,
+-- for a continuation run that does not spend an attempt. The finish marks `processed` only the
+-- conversations of the claim's snapshot still at the revision it saw, and sets `result` NULL
+-- (the worker stores a processor's result with set_result in the same transaction). A claim
+-- hands the processor only the `active` conversations and keeps their revisions as its
+-- snapshot (claim_snapshot); `processed` lists the done ones with their results.
+WITH held AS (
+    SELECT id, claim_snapshot
+    FROM tasks
+    WHERE id = :task_id AND lease_token = :lease_token
+    FOR UPDATE
+), seen AS (
+    UPDATE conversations AS c
+    SET status = 'processed', processed_at = now(), updated_at = now()
+    FROM held
+    WHERE c.task_id = held.id AND c.status = 'active'
+      AND c.revision = CAST(held.claim_snapshot ->> CAST(c.id AS text) AS integer)
+    RETURNING c.id
+), unseen AS (
+    SELECT count(*) AS n
+    FROM conversations AS c, held
+    WHERE c.task_id = held.id AND c.status = 'active' AND c.id NOT IN (SELECT id FROM seen)
+), done AS (
+    UPDATE tasks AS t
+    SET status = CASE WHEN unseen.n = 0 THEN 'completed' ELSE 'pending' END,
+        processed_at = CASE WHEN unseen.n = 0 THEN now() ELSE t.processed_at END,
+        attempts = CASE WHEN unseen.n = 0 THEN t.attempts ELSE greatest(t.attempts - 1, 0) END,
+        run_after = CASE WHEN unseen.n = 0 THEN t.run_after ELSE now() END,
+        processing_instance_id = CASE WHEN unseen.n = 0 THEN t.processing_instance_id END,
+        result = NULL,
         updated_at = now(),
         lease_token = NULL,
         lease_expires_at = NULL
-    WHERE id = :task_id AND lease_token = :lease_token
-    RETURNING id
-), processed AS (
-    UPDATE conversations
-    SET status = 'processed', updated_at = now()
-    WHERE task_id IN (SELECT id FROM done) AND status <> 'processed'
+    FROM held, unseen
+    WHERE t.id = held.id
+    RETURNING t.id, t.status, t.run_after
 ), completion AS (
-    SELECT taskapp_publish('task.completed', id, 'completed', :instance_id) FROM done
+    SELECT status,
+           taskapp_publish(CASE WHEN status = 'completed' THEN 'task.completed'
+                                ELSE 'task.updated' END,
+                           id, status, :instance_id, NULL,
+                           CASE WHEN status = 'pending' THEN run_after END)
+    FROM done
 ), next AS (
     SELECT id
     FROM tasks
@@ -38,22 +66,58 @@ WITH done AS (
         processing_instance_id = :instance_id,
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        claim_snapshot = (SELECT coalesce(jsonb_object_agg(CAST(v.id AS text), v.revision), '{}')
+                          FROM conversations AS v
+                          WHERE v.task_id = t.id AND v.status = 'active'),
         updated_at = now()
     FROM next
     WHERE t.id = next.id
     RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token
 )
 SELECT (SELECT count(*) FROM completion) AS completed,
+       (SELECT status FROM completion) AS finished_status,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
        (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),
                         '[]'::json)
         FROM conversations AS v
-        WHERE v.task_id = c.id) AS conversations,
+        WHERE v.task_id = c.id AND v.status = 'active') AS conversations,
+       (SELECT coalesce(json_agg(json_build_object('id', v.id, 'result', v.result) ORDER BY v.id),
+                        '[]'::json)
+        FROM conversations AS v
+        WHERE v.task_id = c.id AND v.status = 'processed') AS processed,
        CASE WHEN c.id IS NOT NULL
             THEN taskapp_publish('task.claimed', c.id, 'processing', :instance_id) END AS notified
 FROM (SELECT 1) AS one
 LEFT JOIN claimed AS c ON true
 ORDER BY c.priority DESC, c.id;
+
+-- name: set_result
+-- Store the processor's return value on a task just finished by complete_and_claim, in the
+-- same transaction (so it commits with the completion and its event).
+UPDATE tasks SET result = CAST(:result AS jsonb) WHERE id = :task_id;
+
+-- name: checkpoint
+-- Mark one conversation of a claimed task processed with its result, for the lease holder,
+-- if the claim's snapshot has it at its current revision. `held` 0: the lease is lost;
+-- `checkpointed` 0: not in the snapshot, edited since the claim, already done, or deleted.
+WITH held AS (
+    SELECT id, status, claim_snapshot
+    FROM tasks
+    WHERE id = :task_id AND lease_token = :lease_token
+    FOR SHARE
+), done AS (
+    UPDATE conversations AS c
+    SET status = 'processed', result = CAST(:result AS jsonb), processed_at = now(),
+        updated_at = now()
+    FROM held
+    WHERE c.id = :conversation_id AND c.task_id = held.id AND c.status = 'active'
+      AND c.revision = CAST(held.claim_snapshot ->> CAST(c.id AS text) AS integer)
+    RETURNING c.id, held.id AS task_id, held.status
+)
+SELECT (SELECT count(*) FROM held) AS held,
+       (SELECT count(*) FROM done) AS checkpointed,
+       (SELECT taskapp_publish('conversation.updated', task_id, status, :instance_id, id)
+        FROM done) AS notified;
 
 -- name: fail
 -- Record a failed attempt for the lease holder: pending again after a backoff while attempts remain, else failed.

@@ -90,7 +90,8 @@ WITH d AS (
 SELECT id, taskapp_publish('task.deleted', id, status, :instance_id) AS notified FROM d;
 
 -- name: retry_task
--- A task in one of :from_states back to pending with fresh attempts, its conversations active.
+-- A task in one of :from_states back to pending with fresh attempts, its conversations active
+-- (results and processed times cleared: the rerun does every conversation again).
 WITH r AS (
     UPDATE tasks
     SET status = 'pending',
@@ -100,13 +101,15 @@ WITH r AS (
         lease_expires_at = NULL,
         processing_instance_id = NULL,
         processed_at = NULL,
+        result = NULL,
         updated_at = now()
     WHERE id = :task_id AND status = ANY(CAST(:from_states AS text[]))
     RETURNING id, status, run_after
 ), reactivated AS (
     UPDATE conversations
-    SET status = 'active', updated_at = now()
-    WHERE task_id IN (SELECT id FROM r) AND status <> 'active'
+    SET status = 'active', result = NULL, processed_at = NULL, updated_at = now()
+    WHERE task_id IN (SELECT id FROM r)
+      AND (status <> 'active' OR result IS NOT NULL OR processed_at IS NOT NULL)
 )
 SELECT id, taskapp_publish('task.updated', id, status, :instance_id, NULL, run_after) AS notified
 FROM r;
@@ -149,14 +152,27 @@ SELECT c.id, {{ conversation_json(c) }}::text AS json FROM conversations AS c
 WHERE c.id = :conversation_id;
 
 -- name: update_conversation
--- Change the fields flagged set_*, send conversation.updated with its task's status.
+-- Change the fields flagged set_*, send conversation.updated with its task's status. New
+-- content bumps the revision and makes the conversation active again (unless a status is
+-- sent): `processed` means the processor finished this content. Active means no result.
 WITH u AS (
-    UPDATE conversations
-    SET content = CASE WHEN :set_content THEN :content ELSE content END,
-        status = CASE WHEN :set_status THEN :status ELSE status END,
+    UPDATE conversations AS c
+    SET content = CASE WHEN :set_content THEN :content ELSE c.content END,
+        revision = c.revision + CASE WHEN :set_content AND :content <> c.content THEN 1 ELSE 0 END,
+        status = CASE WHEN :set_status THEN CAST(:status AS text)
+                      WHEN :set_content AND :content <> c.content THEN 'active'
+                      ELSE c.status END,
+        result = CASE WHEN (:set_status AND :status = 'active')
+                           OR (NOT :set_status AND :set_content AND :content <> c.content)
+                      THEN NULL ELSE c.result END,
+        processed_at = CASE WHEN (:set_status AND :status = 'active')
+                                 OR (NOT :set_status AND :set_content AND :content <> c.content)
+                                 OR c.status = 'active' AND NOT :set_status
+                            THEN NULL
+                            ELSE coalesce(c.processed_at, now()) END,
         updated_at = now()
-    WHERE id = :conversation_id
-    RETURNING *
+    WHERE c.id = :conversation_id
+    RETURNING c.*
 )
 SELECT u.id, {{ conversation_json(u) }}::text AS json,
        taskapp_publish('conversation.updated', t.id, t.status, :instance_id, u.id) AS notified

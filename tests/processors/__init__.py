@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
-from taskapp.queue import TaskSnapshot
+from taskapp.processor import Context, TaskSnapshot
 
 
 class ProcessorError(RuntimeError):
@@ -29,3 +30,25 @@ def fail_when_titled_fail(task: TaskSnapshot) -> None:
 def slow(task: TaskSnapshot) -> None:
     """Sleep TEST_PROCESSOR_SECONDS (default 5): time to kill or pause an instance mid-task."""
     time.sleep(float(os.environ.get("TEST_PROCESSOR_SECONDS", "5")))
+
+
+def checkpoint_each(task: TaskSnapshot, context: Context) -> dict[str, int]:
+    """Work through the conversations one by one (TEST_PROCESSOR_SECONDS each, default 0.05),
+    append each finished id to the file TEST_PROCESSOR_RECORD names, then checkpoint it."""
+    seconds = float(os.environ.get("TEST_PROCESSOR_SECONDS", "0.05"))
+    record = os.environ["TEST_PROCESSOR_RECORD"]
+    for conversation in task.conversations:
+        time.sleep(seconds)
+        with open(record, "a") as file:
+            file.write(f"{conversation.id}\n")
+        context.checkpoint(conversation.id, {"length": len(conversation.content)})
+    return {"done_now": len(task.conversations), "done_before": len(task.processed)}
+
+
+def record_contents(task: TaskSnapshot) -> None:
+    """Sleep TEST_PROCESSOR_SECONDS (default 1), then append each conversation it saw, as a
+    JSON line of id and content, to the file TEST_PROCESSOR_RECORD names."""
+    time.sleep(float(os.environ.get("TEST_PROCESSOR_SECONDS", "1")))
+    with open(os.environ["TEST_PROCESSOR_RECORD"], "a") as file:
+        for conversation in task.conversations:
+            file.write(json.dumps({"id": conversation.id, "content": conversation.content}) + "\n")

@@ -914,6 +914,7 @@
     const status = document.getElementById("task-status");
     const fields = document.getElementById("task-fields");
     const description = document.getElementById("task-description");
+    const result = document.getElementById("task-result");
     const conversations = document.getElementById("conversations");
     const errors = document.querySelector("#errors-table tbody");
     const retry = document.getElementById("retry-button");
@@ -951,6 +952,9 @@
       );
       description.textContent = task.description || "No description.";
       description.classList.toggle("subtle", !task.description);
+      // The processor's return value, as JSON text (never markup).
+      result.textContent = task.result === null ? "No result." : JSON.stringify(task.result, null, 2);
+      result.classList.toggle("subtle", task.result === null);
 
       conversations.replaceChildren(
         ...task.conversations.map((c) =>
@@ -958,7 +962,15 @@
             "li",
             {},
             el("p", { className: "conversation-content" }, c.content),
-            el("p", { className: "conversation-meta" }, badge(c.status), " ", timeElement(c.updated_at)),
+            el(
+              "p",
+              { className: "conversation-meta" },
+              badge(c.status),
+              " ",
+              c.processed_at ? "processed " : "updated ",
+              timeElement(c.processed_at || c.updated_at),
+            ),
+            c.result === null ? null : el("pre", { className: "result conversation-result" }, JSON.stringify(c.result)),
           ),
         ),
       );
