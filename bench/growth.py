@@ -56,6 +56,7 @@ CLAIM_PARAMS = {
     "instance_id": "bench-explain",
     "limit": 1,
     "lease_seconds": 30,
+    "result": None,
 }
 
 

@@ -323,10 +323,9 @@ class Database:
         return self._pool.size + 1
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's connections, open our own from now on."""
-        with self._lock:
-            old, self._pool = self._pool, self._pool.successor()
-        old.close()
+        """In a forked child: forget the parent's connections (Pool.close only forgets them
+        in another process), open our own from now on."""
+        self.close()
 
     def close(self) -> None:
         """Close the idle connections, and the busy ones when they come back."""

@@ -94,17 +94,9 @@ def _complete_and_claim(
         "instance_id": instance_id,
         "limit": limit,
         "lease_seconds": lease_seconds,
+        "result": result,
     }
-    if claimed is None or result is None:
-        rows = database.fetch("complete_and_claim", params)
-    else:
-        # The result commits with the completion (and its event), or not at all.
-        with database.transaction() as conn:
-            rows = database.fetch("complete_and_claim", params, conn=conn)
-            if rows[0].completed:
-                database.fetch(
-                    "set_result", {"task_id": claimed.task.id, "result": result}, conn=conn
-                )
+    rows = database.fetch("complete_and_claim", params)
     applied = bool(rows[0].completed)
     outcome = Outcome(applied=applied, status=rows[0].finished_status if applied else None)
     return outcome, _claims([row for row in rows if row.id is not None])

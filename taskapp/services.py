@@ -10,7 +10,7 @@ update) are single conditional UPDATEs, so whoever commits first wins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,15 +51,17 @@ def _task_not_found(task_id: int) -> NotFound:
     return NotFound(f"Task {task_id} does not exist.")
 
 
-def _rendered(row: Any, not_found: NotFound) -> Rendered:
+def _rendered(row: Any, missing: Callable[[int], NotFound], key: int) -> Rendered:
+    """The row as Rendered; `missing(key)` raised when there is none (built only then: the
+    hot reads should not make an exception they don't raise)."""
     if row is None:
-        raise not_found
+        raise missing(key)
     return Rendered(row.id, row.json)
 
 
 def get_task(*, database: Database, task_id: int) -> Rendered:
     """One task with its conversations and error history; NotFound if it does not exist."""
-    return _rendered(database.fetchone("get_task", {"task_id": task_id}), _task_not_found(task_id))
+    return _rendered(database.fetchone("get_task", {"task_id": task_id}), _task_not_found, task_id)
 
 
 def list_tasks(
@@ -150,7 +152,7 @@ def update_task(
     if not data:
         return get_task(database=database, task_id=task_id)
     params = {**_changes(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
-    return _rendered(database.fetchone("update_task", params), _task_not_found(task_id))
+    return _rendered(database.fetchone("update_task", params), _task_not_found, task_id)
 
 
 def delete_task(*, database: Database, task_id: int, instance_id: str | None) -> None:
@@ -181,7 +183,7 @@ def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> 
             raise _conflict(database, conn, task_id, states.RETRY)
         # Read before the commit, so a concurrent delete can't make this success a 404.
         row = database.fetchone("get_task", {"task_id": task_id}, conn=conn)
-        return _rendered(row, _task_not_found(task_id))
+        return _rendered(row, _task_not_found, task_id)
 
 
 def cancel_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
@@ -203,7 +205,7 @@ def create_conversation(
 ) -> Rendered:
     """Add a conversation to a task; NotFound if the task does not exist."""
     params = {"task_id": task_id, "content": data["content"], "instance_id": instance_id}
-    return _rendered(database.fetchone("create_conversation", params), _task_not_found(task_id))
+    return _rendered(database.fetchone("create_conversation", params), _task_not_found, task_id)
 
 
 def list_conversations(*, database: Database, task_id: int) -> str:
@@ -218,14 +220,13 @@ def update_conversation(
     *, database: Database, conversation_id: int, data: Mapping[str, Any], instance_id: str | None
 ) -> Rendered:
     """Change a conversation's content and/or status."""
-    not_found = _conversation_not_found(conversation_id)
     if not data:
-        return _rendered(
-            database.fetchone("get_conversation", {"conversation_id": conversation_id}), not_found
-        )
+        row = database.fetchone("get_conversation", {"conversation_id": conversation_id})
+        return _rendered(row, _conversation_not_found, conversation_id)
     params = {
         **_changes(data, CONVERSATION_FIELDS),
         "conversation_id": conversation_id,
         "instance_id": instance_id,
     }
-    return _rendered(database.fetchone("update_conversation", params), not_found)
+    row = database.fetchone("update_conversation", params)
+    return _rendered(row, _conversation_not_found, conversation_id)

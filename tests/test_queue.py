@@ -225,6 +225,7 @@ def test_claim_uses_the_partial_index_with_many_rows(database, db_conn):
         "instance_id": "a",
         "limit": 1,
         "lease_seconds": 30,
+        "result": None,
     }
     explain = "EXPLAIN " + statement("complete_and_claim")
     plan = "\n".join(row[0] for row in db_conn.execute(explain, params))

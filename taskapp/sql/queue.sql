@@ -11,8 +11,8 @@
 -- deleted, or nothing to complete), `finished_status` what it did: `completed`, or `pending`
 -- when conversations the attempt never saw (added or edited after the claim) are still active,
 -- for a continuation run that does not spend an attempt. The finish marks `processed` only the
--- conversations of the claim's snapshot still at the revision it saw, and sets `result` NULL
--- (the worker stores a processor's result with set_result in the same transaction). A claim
+-- conversations of the claim's snapshot still at the revision it saw, and stores :result (the
+-- processor's return value as JSON text, or NULL) with the same write. A claim
 -- hands the processor only the `active` conversations and keeps their revisions as its
 -- snapshot (claim_snapshot); `processed` lists the done ones with their results.
 WITH held AS (
@@ -38,7 +38,7 @@ WITH held AS (
         attempts = CASE WHEN unseen.n = 0 THEN t.attempts ELSE greatest(t.attempts - 1, 0) END,
         run_after = CASE WHEN unseen.n = 0 THEN t.run_after ELSE now() END,
         processing_instance_id = CASE WHEN unseen.n = 0 THEN t.processing_instance_id END,
-        result = NULL,
+        result = CAST(:result AS jsonb),
         updated_at = now(),
         lease_token = NULL,
         lease_expires_at = NULL
@@ -90,11 +90,6 @@ SELECT (SELECT count(*) FROM completion) AS completed,
 FROM (SELECT 1) AS one
 LEFT JOIN claimed AS c ON true
 ORDER BY c.priority DESC, c.id;
-
--- name: set_result
--- Store the processor's return value on a task just finished by complete_and_claim, in the
--- same transaction (so it commits with the completion and its event).
-UPDATE tasks SET result = CAST(:result AS jsonb) WHERE id = :task_id;
 
 -- name: checkpoint
 -- Mark one conversation of a claimed task processed with its result, for the lease holder,
