@@ -63,6 +63,12 @@ class Settings:
     max_content_length: int = 1024 * 1024
     # The largest JSON a processor may return (or checkpoint) as a result, in bytes.
     result_max_bytes: int = 1024 * 1024
+    # An attempt's time limit when its task names none (0: none); past it the processor's
+    # cancellation flag is set, and TIMEOUT_GRACE_SECONDS later the attempt fails.
+    task_timeout_seconds: int = 3600
+    timeout_grace_seconds: float = 1.0
+    # How often one task may ask to run later (processor.Defer) before that costs an attempt.
+    max_deferrals: int = 20
     max_event_streams: int = 100
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
@@ -92,6 +98,9 @@ class Settings:
             "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
             "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
             "RESULT_MAX_BYTES": ("result_max_bytes", int, 1),
+            "TASK_TIMEOUT_SECONDS": ("task_timeout_seconds", int, 0),
+            "TIMEOUT_GRACE_SECONDS": ("timeout_grace_seconds", float, 0),
+            "MAX_DEFERRALS": ("max_deferrals", int, 0),
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 EVENTS_CHANNEL = "taskapp_events"
 # Sent when a task becomes claimable, so an idle worker anywhere wakes at once.
 WAKEUP_CHANNEL = "taskapp_wakeup"
+# Sent (the task id) when a processing task is cancelled or deleted: its holder sets the
+# processor's cancellation flag.
+CANCEL_CHANNEL = "taskapp_cancel"
 
 # Every event type, in the order the docs list them (the OpenAPI spec and the dashboard read
 # this tuple; the statements in taskapp/sql/ name them when they publish).
@@ -29,13 +32,16 @@ EVENT_TYPES = (
     "task.created",
     "task.updated",
     "task.claimed",
+    "task.progress",
     "task.completed",
     "task.retrying",
+    "task.deferred",
     "task.failed",
     "task.cancelled",
     "task.deleted",
     "conversation.created",
     "conversation.updated",
+    "conversation.output",
 )
 
 
@@ -130,8 +136,9 @@ class Broker:
 class Listener:
     """One dedicated LISTEN connection per instance, reconnecting by itself.
 
-    Wake-ups go to the worker; events go to the broker. After a reconnect the worker is
-    woken too, since notifications sent while the connection was down are lost.
+    Wake-ups go to the worker, cancellations to on_cancel, events to the broker. After a
+    reconnect the worker is woken too, since notifications sent while the connection was down
+    are lost (a cancellation missed then is still found by the next lease renewal).
 
     Events are listened to only while this instance serves a stream: every change of every
     instance is an event, and taking each off the wire costs the instance CPU for nothing
@@ -140,10 +147,17 @@ class Listener:
     starts; after the last one ends the listener stops listening.
     """
 
-    def __init__(self, database: Database, broker: Broker, on_wakeup: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        broker: Broker,
+        on_wakeup: Callable[[], None],
+        on_cancel: Callable[[int], object] = lambda task_id: None,
+    ) -> None:
         self.database = database
         self.broker = broker
         self.on_wakeup = on_wakeup
+        self.on_cancel = on_cancel
         # This listener's own channel: a NOTIFY on it wakes the loop to listen for events.
         self.control_channel = f"taskapp_listener_{uuid.uuid4().hex}"
         self._stop = threading.Event()
@@ -176,6 +190,7 @@ class Listener:
             try:
                 with self.database.listen_connection() as conn:
                     self.database.listen(conn, WAKEUP_CHANNEL)
+                    self.database.listen(conn, CANCEL_CHANNEL)
                     self.database.listen(conn, self.control_channel)
                     self.connected.set()
                     delay = 0.1
@@ -209,6 +224,10 @@ class Listener:
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == WAKEUP_CHANNEL:
             self.on_wakeup()
+            return
+        if channel == CANCEL_CHANNEL:
+            if payload.isascii() and payload.isdigit():
+                self.on_cancel(int(payload))
             return
         if channel != EVENTS_CHANNEL or self.broker.open_streams == 0:
             return  # nobody listens here (any more): skip the parsing

@@ -16,6 +16,7 @@ import threading
 from . import metrics, queue
 from .config import Settings
 from .database import Database
+from .processor import CancelReason
 from .worker import Worker, short_error
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Housekeeper:
         )
         for claimed in held:
             if claimed.task.id not in still_held and self.worker.lease_really_lost(claimed):
+                # Cancelled or deleted (if its NOTIFY was missed), or taken over.
+                self.worker.revoke(claimed.task.id, CancelReason.LEASE_LOST)
                 log.warning(
                     "task %d: lease lost (deleted, or taken back after a stall)",
                     claimed.task.id,

@@ -66,6 +66,12 @@ class Task(Model):
     # The current claim's snapshot, {"conversation id": revision}: what its attempt may mark
     # processed (an edit or a new conversation after the claim is not in it).
     claim_snapshot: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    # The processor's last progress report: {"done", "total", "message", "at"}.
+    progress: Mapped[Any | None] = mapped_column(JSONB)
+    # This task's own timeout per attempt (NULL: the TASK_TIMEOUT_SECONDS setting).
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    # How often its processor asked to run later (bounded by MAX_DEFERRALS).
+    deferrals: Mapped[int] = mapped_column(Integer, server_default="0")
 
     conversations: Mapped[list[Conversation]] = relationship(
         back_populates="task",
@@ -84,6 +90,7 @@ class Task(Model):
         CheckConstraint("length(btrim(title)) > 0", name="title_not_blank"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
         CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
+        CheckConstraint("timeout_seconds > 0", name="timeout_seconds_positive"),
         CheckConstraint(
             "(status = 'processing') = (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
             name="lease_iff_processing",

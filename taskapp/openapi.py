@@ -35,6 +35,7 @@ COMPONENT_SCHEMAS = {
     "ConversationUpdate": schemas.ConversationUpdate,
     "ConversationOut": schemas.ConversationOut,
     "TaskErrorOut": schemas.TaskErrorOut,
+    "Progress": schemas.ProgressOut,
     "TaskCreate": schemas.TaskCreate,
     "TaskUpdate": schemas.TaskUpdate,
     "TaskOut": schemas.TaskOut,
@@ -202,7 +203,8 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "delete_task",
             "tags": ["tasks"],
             "summary": "Delete a task and its conversations",
-            "description": "A worker processing the task lets go of it without error.",
+            "description": "A processor running the task is told to stop (its cancellation "
+            "flag is set) and nothing its attempt writes afterwards is recorded.",
             "responses": _responses({"204": {"description": "Deleted."}}, "404"),
         },
     },
@@ -223,7 +225,10 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": {
             "operationId": "cancel_task",
             "tags": ["tasks"],
-            "summary": "Cancel a pending task",
+            "summary": "Cancel a pending or processing task",
+            "description": "A processing task is cancelled at once: its lease is revoked, so a "
+            "late result is dropped, and the processor, on whichever instance runs it, sees "
+            "its cancellation flag set within a second. Checkpoints it made stay.",
             "responses": _responses(
                 {"200": _ok("TaskOut", "The task, now cancelled.")}, "404", "409"
             ),
@@ -383,6 +388,25 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "status": {"type": "string", "nullable": True, "description": "The task's status."},
             "instance_id": {"type": "string", "nullable": True},
             "at": {"type": "string", "format": "date-time"},
+            "progress": {
+                "allOf": [{"$ref": "#/components/schemas/Progress"}],
+                "description": "task.progress only: the report, as the task now shows it.",
+            },
+            "output": {
+                "type": "object",
+                "description": "conversation.output only: a chunk of the processor's live "
+                "output for `conversation_id`. Not stored: sent to the clients connected then.",
+                "required": ["seq", "text"],
+                "properties": {
+                    "seq": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "The chunk's number within the conversation's "
+                        "output of this attempt, from 0, in order.",
+                    },
+                    "text": {"type": "string"},
+                },
+            },
         },
     },
 }

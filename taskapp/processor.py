@@ -4,9 +4,10 @@ A processor is `function(task)` or `function(task, context)` (docs/processors.md
 read-only TaskSnapshot taken at claim time, with only the conversations not yet done, and runs
 outside any database transaction. Returning completes the task, its return value (any JSON,
 at most RESULT_MAX_BYTES) stored as the task's `result`; raising fails the attempt (retried
-with backoff while attempts remain). The context's checkpoint() marks one conversation done
-with its result at once, so a later attempt does not do it again. The built-in processor
-simulates work.
+with backoff while attempts remain); raising Defer runs it again later without spending an
+attempt. The context checkpoints one conversation at a time (a later attempt does not do it
+again), reports progress, streams live output, and carries the cancellation flag (cancel,
+timeout, lost lease, end of a shutdown's grace). The built-in processor simulates work.
 
 Which form a function is, is decided once, from its signature, when it is loaded: it gets the
 context when it takes a second positional argument without a default (or *args).
@@ -19,10 +20,11 @@ import inspect
 import json
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from .config import ConfigError, Settings
 
@@ -55,6 +57,8 @@ class TaskSnapshot:
     attempts: int
     conversations: tuple[ConversationSnapshot, ...]
     processed: tuple[ProcessedConversation, ...] = ()
+    # This task's own time limit per attempt, or None for the TASK_TIMEOUT_SECONDS setting.
+    timeout_seconds: int | None = None
 
 
 class ProcessorContractError(RuntimeError):
@@ -70,8 +74,43 @@ class ResultNotSerializable(ProcessorContractError):
 
 
 class LeaseLost(RuntimeError):
-    """This attempt no longer holds the task (its lease ran out and another instance took it,
-    the task was handed back at shutdown, or deleted): nothing it writes is recorded."""
+    """This attempt no longer holds the task (it was cancelled or deleted, its lease ran out
+    and another instance took it, or it was handed back at shutdown): nothing it writes is
+    recorded."""
+
+
+MAX_DEFER_SECONDS = 7 * 24 * 3600
+
+
+class Cancelled(RuntimeError):
+    """Raised by Context.raise_if_cancelled(): the attempt should stop (see cancel_reason)."""
+
+
+class Defer(Exception):
+    """Raise it to run the task again `after_seconds` from now without spending an attempt
+    (the API it calls said 429, say). The deferral is recorded in the task's error history;
+    past MAX_DEFERRALS deferrals of one task, a deferral fails the attempt instead."""
+
+    def __init__(self, after_seconds: float, reason: str = "") -> None:
+        if not 0 <= after_seconds <= MAX_DEFER_SECONDS:
+            raise ValueError(f"Defer: after_seconds must be within 0..{MAX_DEFER_SECONDS}")
+        super().__init__(after_seconds, reason)
+        self.after_seconds = float(after_seconds)
+        self.reason = reason
+
+
+class CancelReason:
+    """Why an attempt's cancellation flag is set (Context.cancel_reason)."""
+
+    CANCELLED = "cancelled"  # POST /tasks/{id}/cancel (or the task was deleted)
+    LEASE_LOST = "lease lost"  # another instance took it after this one stalled
+    TIMEOUT = "timeout"  # it ran past its timeout_seconds
+    SHUTDOWN = "shutdown"  # the instance's shutdown grace ended: it was handed back
+
+
+# One NOTIFY carries at most 8000 bytes; a chunk of this many characters fits however JSON
+# escapes it.
+OUTPUT_CHUNK_CHARACTERS = 1000
 
 
 # A \u0000 escape in JSON text (not an escaped backslash followed by "u0000"): jsonb refuses it.
@@ -97,42 +136,119 @@ def encode_result(value: Any, max_bytes: int) -> str | None:
     return text
 
 
+class Writes(Protocol):
+    """The fenced writes a Context makes for its attempt (the worker provides them); each
+    raises LeaseLost once the attempt no longer holds the task."""
+
+    def checkpoint(self, conversation_id: int, result: str | None) -> bool: ...
+
+    def progress(self, done: int, total: int | None, message: str | None) -> None: ...
+
+    def output(self, conversation_id: int, chunks: list[tuple[int, str]]) -> None: ...
+
+
 class Context:
-    """What a two-argument processor gets besides the task: a way to report as it goes.
+    """What a two-argument processor gets besides the task: ways to report as it goes, and
+    a cancellation flag to watch.
 
-    checkpoint(conversation_id, result) is the one verb for now; it is durable when it
-    returns. Room is left for more (progress, live output, a cancellation flag, defer)."""
+    Every write is one statement, durable when it returns, and fenced by the attempt's lease:
+    once the attempt lost the task (cancelled, deleted, taken over, handed back) each raises
+    LeaseLost."""
 
-    def __init__(
-        self,
-        task: TaskSnapshot,
-        write_checkpoint: Callable[[int, str | None], bool],
-        result_max_bytes: int,
-    ) -> None:
+    def __init__(self, task: TaskSnapshot, writes: Writes, result_max_bytes: int) -> None:
         self._task = task
-        self._write_checkpoint = write_checkpoint
+        self._writes = writes
         self._result_max_bytes = result_max_bytes
         self._ids = frozenset(c.id for c in task.conversations)
+        self._cancelled = threading.Event()
+        self._cancel_reason: str | None = None
+        self._output_seq: dict[int, int] = {}
 
     @property
     def task(self) -> TaskSnapshot:
         """The task as claimed (the same snapshot the processor got)."""
         return self._task
 
+    # -- reporting ----------------------------------------------------------------------------
+
     def checkpoint(self, conversation_id: int, result: Any = None) -> bool:
-        """Mark one conversation of the snapshot processed with its result, at once (one
-        statement, fenced by the lease). True when it is now processed; False when it was
-        edited or deleted since the claim (it stays active: its new content is for a later
-        run) or was already checkpointed. Raises LeaseLost once the attempt lost the task,
-        ValueError for a conversation not in task.conversations, ResultTooLarge or
+        """Mark one conversation of the snapshot processed with its result, at once. True
+        when it is now processed; False when it was edited or deleted since the claim (it
+        stays active: its new content is for a later run) or was already checkpointed.
+        Raises ValueError for a conversation not in task.conversations, ResultTooLarge or
         ResultNotSerializable for a result that can't be stored."""
+        self._check_conversation(conversation_id)
+        encoded = encode_result(result, self._result_max_bytes)
+        return self._writes.checkpoint(conversation_id, encoded)
+
+    def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
+        """Store how far the attempt got (shown on the task as `progress`) and send it as a
+        task.progress event. `message` is kept to its first 1,000 characters."""
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise ValueError("progress: done must be an integer >= 0")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
+            raise ValueError("progress: total must be an integer or None")
+        if message is not None:
+            message = str(message)[:1000].replace("\x00", "")
+        self._writes.progress(done, total, message)
+
+    def emit(self, conversation_id: int, text: str) -> None:
+        """Send partial output for a conversation (a model's tokens as they arrive) to every
+        event stream client of any instance, as conversation.output events numbered from 0
+        per conversation. Not stored: a client that connects later does not get it. Long
+        text goes out as several chunks."""
+        self._check_conversation(conversation_id)
+        text = str(text).replace("\x00", "")
+        if not text:
+            return
+        seq = self._output_seq.get(conversation_id, 0)
+        chunks = []
+        for start in range(0, len(text), OUTPUT_CHUNK_CHARACTERS):
+            chunks.append((seq, text[start : start + OUTPUT_CHUNK_CHARACTERS]))
+            seq += 1
+        self._writes.output(conversation_id, chunks)
+        self._output_seq[conversation_id] = seq
+
+    def defer(self, after_seconds: float, reason: str = "") -> NoReturn:
+        """Run the task again after_seconds from now, without spending an attempt (raises
+        Defer: nothing after this call runs)."""
+        raise Defer(after_seconds, reason)
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the attempt should stop: the task was cancelled, ran past its timeout,
+        lost its lease, or the instance's shutdown grace ended. What the processor returns
+        afterwards is not recorded; checkpoints made before are kept."""
+        return self._cancelled.is_set()
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the flag is set (a CancelReason value), or None while it isn't."""
+        return self._cancel_reason
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking at once when the flag is set; True if it is."""
+        return self._cancelled.wait(seconds)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise Cancelled when the flag is set (a convenient check between steps)."""
+        if self._cancelled.is_set():
+            raise Cancelled(f"task {self._task.id}: {self._cancel_reason}")
+
+    def cancel(self, reason: str) -> None:
+        """Set the flag (the worker calls it); the first reason given stays."""
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
+            self._cancelled.set()
+
+    def _check_conversation(self, conversation_id: int) -> None:
         if conversation_id not in self._ids:
             raise ValueError(
                 f"conversation {conversation_id} is not one of task {self._task.id}'s "
                 "conversations to process"
             )
-        encoded = encode_result(result, self._result_max_bytes)
-        return self._write_checkpoint(conversation_id, encoded)
 
 
 # What the worker calls: every processor, whichever form it was written in, as (task, context).
@@ -171,11 +287,21 @@ def adapt(function: Callable[..., object]) -> Processor:
 
 
 def simulate_work(
-    task: TaskSnapshot, *, min_seconds: float = 6.0, max_seconds: float = 7.0
+    task: TaskSnapshot,
+    context: Context | None = None,
+    *,
+    min_seconds: float = 6.0,
+    max_seconds: float = 7.0,
 ) -> None:
-    """The seed's stand-in for real work: sleep a while, uniformly in [min, max] seconds."""
-    if max_seconds > 0:
-        time.sleep(random.uniform(min_seconds, max_seconds))
+    """The seed's stand-in for real work: sleep a while, uniformly in [min, max] seconds
+    (ending early when the context's cancellation flag is set)."""
+    if max_seconds <= 0:
+        return
+    duration = random.uniform(min_seconds, max_seconds)
+    if context is None:
+        time.sleep(duration)
+    else:
+        context.wait(duration)
 
 
 def load_processor(settings: Settings) -> Processor:
@@ -191,5 +317,5 @@ def load_processor(settings: Settings) -> Processor:
         raise ConfigError(f"TASK_PROCESSOR {settings.task_processor!r} is not callable")
     if function is simulate_work:
         low, high = settings.processing_min_seconds, settings.processing_max_seconds
-        return adapt(lambda task: simulate_work(task, min_seconds=low, max_seconds=high))
+        return lambda task, context: simulate_work(task, context, min_seconds=low, max_seconds=high)
     return adapt(function)

@@ -1,4 +1,5 @@
-"""The queue's verbs: claim, complete, fail, release, renew, rescue, heartbeat.
+"""The queue's verbs: claim, complete, fail, defer, release, renew, rescue, heartbeat, and the
+reports of a running attempt (checkpoint, progress, live output).
 
 Each verb runs one named statement from sql/queue.sql through the Database gateway,
 autocommitted on its own. Completion, failure and release are fenced by the
@@ -126,6 +127,76 @@ def checkpoint(
     return Outcome(applied=True, status="processed" if row.checkpointed else None)
 
 
+def report_progress(
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    done: int,
+    total: int | None,
+    message: str | None,
+) -> bool:
+    """Store the attempt's progress and send task.progress; False once the lease is lost."""
+    row = _fenced(
+        database,
+        "report_progress",
+        claimed,
+        instance_id,
+        done=done,
+        total=total,
+        message=message,
+    )
+    return row is not None
+
+
+def emit_output(
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    conversation_id: int,
+    chunks: list[tuple[int, str]],
+) -> bool:
+    """Send (seq, text) chunks of a conversation's live output as events, in order; False
+    once the lease is lost."""
+    row = _fenced(
+        database,
+        "emit_output",
+        claimed,
+        instance_id,
+        conversation_id=conversation_id,
+        seqs=[seq for seq, _ in chunks],
+        texts=[text for _, text in chunks],
+    )
+    return row is not None
+
+
+def defer(
+    database: Database,
+    claimed: Claim,
+    *,
+    instance_id: str,
+    delay_seconds: float,
+    reason: str,
+    max_deferrals: int,
+) -> Outcome:
+    """Put the task back to pending for delay_seconds without spending its attempt. applied
+    False: the lease is lost; status None: it has used its MAX_DEFERRALS (nothing changed)."""
+    row = _fenced(
+        database,
+        "defer",
+        claimed,
+        instance_id,
+        delay=delay_seconds,
+        reason=reason,
+        max_deferrals=max_deferrals,
+        keep_errors=ERROR_HISTORY_LIMIT,
+    )
+    if row is None or not row.held:
+        return Outcome(applied=False)
+    return Outcome(applied=True, status="pending" if row.deferred else None)
+
+
 def _claims(rows: list[Any]) -> list[Claim]:
     return [
         Claim(
@@ -143,6 +214,7 @@ def _claims(rows: list[Any]) -> list[Claim]:
                     ProcessedConversation(id=c["id"], result=c["result"])
                     for c in _json(row.processed)
                 ),
+                timeout_seconds=row.timeout_seconds,
             ),
             lease_token=row.lease_token,
             max_attempts=row.max_attempts,

@@ -58,6 +58,11 @@ def json_array(element: str, source: str, order_by: str) -> str:
     return f"(SELECT coalesce(json_agg({element} ORDER BY {order_by}), '[]') FROM {source})"
 
 
+def _stored_json(alias: str) -> dict[str, str]:
+    """Fields kept as the JSON the API shows (a jsonb column, written in the schema's shape)."""
+    return {"progress": f"{alias}.progress"}
+
+
 def task_json(alias: str = "t", conversations: str | None = None) -> str:
     """SQL for a task as `GET /tasks/{id}` shows it, with its conversations and error history.
 
@@ -68,6 +73,7 @@ def task_json(alias: str = "t", conversations: str | None = None) -> str:
         TaskOut(),
         alias,
         {
+            **_stored_json(alias),
             "conversations": json_array(conversation_json("c"), conversations, "c.id"),
             "errors": json_array(
                 json_object(TaskErrorOut(), "e"),
@@ -81,4 +87,4 @@ def task_json(alias: str = "t", conversations: str | None = None) -> str:
 def task_list_item_json(alias: str = "t") -> str:
     """SQL for a task as `GET /tasks/` lists it, with its number of conversations."""
     count = f"(SELECT count(*) FROM conversations AS c WHERE c.task_id = {alias}.id)"
-    return json_object(TaskListItem(), alias, {"conversation_count": count})
+    return json_object(TaskListItem(), alias, {**_stored_json(alias), "conversation_count": count})

@@ -17,7 +17,7 @@ from .config import Settings
 from .database import Database, get_database
 from .events import Broker, Listener, Subscription
 from .housekeeper import Housekeeper
-from .processor import load_processor
+from .processor import CancelReason, load_processor
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ class Runtime:
             instance_id=settings.instance_id,
             worker=self.worker,
         )
-        self.listener = Listener(self.database, self.broker, on_wakeup=self.worker.wake)
+        self.listener = Listener(
+            self.database,
+            self.broker,
+            on_wakeup=self.worker.wake,
+            on_cancel=lambda task_id: self.worker.revoke(task_id, CancelReason.CANCELLED),
+        )
         self._stopper: threading.Thread | None = None
         self._lock = threading.Lock()
 

@@ -18,6 +18,7 @@ from .states import CONVERSATION_STATUSES, TASK_STATUSES
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 MAX_ATTEMPTS_LIMIT = 100
+TIMEOUT_SECONDS_LIMIT = 7 * 24 * 3600
 LIST_LIMIT_MAX = 1000
 LIST_LIMIT_DEFAULT = 100
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
@@ -137,6 +138,14 @@ class TaskUpdate(_Input):
         allow_none=True, metadata={"description": "Not run before this time; null: run now."}
     )
     max_attempts = StrictInteger(1, MAX_ATTEMPTS_LIMIT)
+    timeout_seconds = StrictInteger(
+        1,
+        TIMEOUT_SECONDS_LIMIT,
+        allow_none=True,
+        metadata={
+            "description": "An attempt's time limit; null: the TASK_TIMEOUT_SECONDS setting."
+        },
+    )
 
 
 class TaskCreate(TaskUpdate):
@@ -177,6 +186,15 @@ class ConversationOut(Schema):
     )
 
 
+class ProgressOut(Schema):
+    """A progress report as stored (jsonb): `at` is already text in the API's time format."""
+
+    done = fields.Integer(required=True)
+    total = fields.Integer(required=True, allow_none=True)
+    message = fields.String(required=True, allow_none=True)
+    at = fields.String(required=True, metadata={"format": "date-time"})
+
+
 class TaskErrorOut(Schema):
     attempt = fields.Integer(required=True)
     instance_id = fields.String(required=True, allow_none=True)
@@ -198,6 +216,21 @@ class _TaskOutBase(Schema):
     updated_at = Timestamp(required=True)
     processed_at = Timestamp(required=True, allow_none=True)
     processing_instance_id = fields.String(required=True, allow_none=True)
+    timeout_seconds = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Its own time limit per attempt; null: the service default."},
+    )
+    deferrals = fields.Integer(
+        required=True,
+        metadata={"description": "How often its processor asked to run later (not attempts)."},
+    )
+    progress = fields.Nested(
+        ProgressOut,
+        required=True,
+        allow_none=True,
+        metadata={"description": "The processor's last progress report, or null."},
+    )
 
 
 class TaskOut(_TaskOutBase):

@@ -22,7 +22,14 @@ from .errors import Conflict, NotFound
 
 # The fields a PUT /tasks/{id} may change, each a column of the same name; the input schema
 # (schemas.TaskUpdate) validates them and tests check that the two agree.
-TASK_FIELDS = ("title", "description", "priority", "scheduled_for", "max_attempts")
+TASK_FIELDS = (
+    "title",
+    "description",
+    "priority",
+    "scheduled_for",
+    "max_attempts",
+    "timeout_seconds",
+)
 CONVERSATION_FIELDS = ("content", "status")
 
 
@@ -83,6 +90,7 @@ def _creation_params(
         "priority": data.get("priority", 0),
         "scheduled_for": data.get("scheduled_for"),
         "max_attempts": default_max_attempts if max_attempts is None else max_attempts,
+        "timeout_seconds": data.get("timeout_seconds"),
         "contents": [item["content"] for item in data.get("conversations", ())],
         "instance_id": instance_id,
     }
@@ -156,7 +164,8 @@ def update_task(
 
 
 def delete_task(*, database: Database, task_id: int, instance_id: str | None) -> None:
-    """Delete a task and its conversations; a worker processing it lets go when it finishes."""
+    """Delete a task and its conversations; a processor running it is told to stop, and its
+    writes are fenced off."""
     row = database.fetchone("delete_task", {"task_id": task_id, "instance_id": instance_id})
     if row is None:
         raise _task_not_found(task_id)
@@ -187,7 +196,9 @@ def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> 
 
 
 def cancel_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
-    """Cancel a pending task; one already claimed by a worker is a Conflict."""
+    """Cancel a pending or processing task. A processing one is cancelled at once: its lease
+    is revoked (so nothing its attempt writes later is recorded) and its instance is told to
+    set the processor's cancellation flag. A finished task is a Conflict."""
     params = _action_params(task_id, instance_id, states.CANCEL)
     with database.connection() as conn:
         row = database.fetchone("cancel_task", params, conn=conn)

@@ -4,7 +4,8 @@ Each statement starts with `-- name: NAME` and a one-line purpose. Parameters ar
 `:name` and become psycopg's `%(name)s` (`::type` casts are left alone). Names are unique
 across files. `{{ task_json(alias) }}`, `{{ task_list_item_json(alias) }}` and
 `{{ conversation_json(alias) }}` stand for the JSON of a row as the API shows it, generated
-from the output schemas (taskapp.representation), so statements and schemas can't disagree.
+from the output schemas (taskapp.representation), so statements and schemas can't disagree;
+`{{ iso_now() }}` is the current time in the API's format.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _fragments() -> Mapping[str, Callable[..., str]]:
         "task_json": representation.task_json,
         "task_list_item_json": representation.task_list_item_json,
         "conversation_json": representation.conversation_json,
+        "iso_now": lambda: representation.iso_time("now()"),
     }
 
 

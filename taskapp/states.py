@@ -45,7 +45,7 @@ class Action:
 TERMINAL = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 RETRY = Action("retried", TERMINAL, TaskStatus.PENDING)
-CANCEL = Action("cancelled", (TaskStatus.PENDING,), TaskStatus.CANCELLED)
+CANCEL = Action("cancelled", (TaskStatus.PENDING, TaskStatus.PROCESSING), TaskStatus.CANCELLED)
 
 ACTIONS = {"retry": RETRY, "cancel": CANCEL}
 

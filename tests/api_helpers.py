@@ -23,6 +23,9 @@ TASK_FIELDS = [
     "updated_at",
     "processed_at",
     "processing_instance_id",
+    "timeout_seconds",
+    "deferrals",
+    "progress",
 ]
 # A task's `result` (the processor's return value) is in its detail, not in the list.
 TASK_DETAIL_FIELDS = [*TASK_FIELDS, "result", "conversations", "errors"]

@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import event
 
-from taskapp.events import EVENTS_CHANNEL, WAKEUP_CHANNEL
+from taskapp.events import CANCEL_CHANNEL, EVENTS_CHANNEL, WAKEUP_CHANNEL
 from tests.api_helpers import (
     TASK_LIST_FIELDS,
     assert_problem,
@@ -44,6 +44,8 @@ def notifications(listener: psycopg.Connection, db_conn: psycopg.Connection) -> 
             return received
         if notify.channel == WAKEUP_CHANNEL:
             received.append("wakeup")
+        elif notify.channel == CANCEL_CHANNEL:
+            received.append({"cancel": notify.payload})
         else:
             received.append(json.loads(notify.payload))
     raise AssertionError(f"no sentinel; got {received}")
@@ -418,7 +420,30 @@ def test_cancel_a_pending_task(
     assert_problem(client.post(f"/tasks/{task['id']}/cancel"), 409)
 
 
-@pytest.mark.parametrize("status", ["processing", "completed", "failed"])
+def test_cancel_a_processing_task_revokes_its_lease_and_tells_its_holder(
+    client: FlaskClient, db_conn: psycopg.Connection, listener: psycopg.Connection
+) -> None:
+    task = create(client)
+    set_status(db_conn, task["id"], "processing")
+    listener.execute(f"LISTEN {CANCEL_CHANNEL}")
+    notifications(listener, db_conn)
+    response = client.post(f"/tasks/{task['id']}/cancel")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "cancelled"
+    after = row(db_conn, task["id"])
+    assert (after["status"], after["lease_token"], after["lease_expires_at"]) == (
+        "cancelled",
+        None,
+        None,
+    )
+    received = notifications(listener, db_conn)
+    assert [e["type"] for e in received if isinstance(e, dict) and "type" in e] == [
+        "task.cancelled"
+    ]
+    assert {"cancel": str(task["id"])} in [e for e in received if isinstance(e, dict)]
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
 def test_cancel_from_other_states_is_a_conflict(
     client: FlaskClient, db_conn: psycopg.Connection, status: str
 ) -> None:
@@ -451,17 +476,16 @@ def test_concurrent_cancels_succeed_once(app: Flask, client: FlaskClient) -> Non
     assert sorted(statuses) == [200] + [409] * 7
 
 
-def test_cancel_waits_for_a_claim_in_flight_and_then_conflicts(
+def test_cancel_waits_for_a_completion_in_flight_and_then_conflicts(
     app: Flask, client: FlaskClient, database_url: str
 ) -> None:
-    """A worker's claim holds the row lock; the cancel's conditional UPDATE waits, re-reads the
-    row once the claim commits, finds it processing and changes nothing."""
+    """A worker's completion holds the row lock; the cancel waits, re-reads the row once the
+    completion commits, finds it completed and changes nothing."""
     task = create(client)
     result: dict[str, Any] = {}
     with psycopg.connect(database_url) as worker:
         worker.execute(
-            "UPDATE tasks SET status = 'processing', lease_token = gen_random_uuid(), "
-            "lease_expires_at = now() + interval '1 minute' WHERE id = %s",
+            "UPDATE tasks SET status = 'completed', processed_at = now() WHERE id = %s",
             (task["id"],),
         )
         thread = threading.Thread(
@@ -479,12 +503,12 @@ def test_cancel_waits_for_a_claim_in_flight_and_then_conflicts(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND datname = current_database()"
                 ).fetchone()[0],
-                what="the cancel to wait on the claim's lock",
+                what="the cancel to wait on the completion's lock",
             )
         worker.commit()
     thread.join(timeout=30)
     assert_problem(result["response"], 409)
-    assert client.get(f"/tasks/{task['id']}").get_json()["status"] == "processing"
+    assert client.get(f"/tasks/{task['id']}").get_json()["status"] == "completed"
 
 
 # --- paths ---------------------------------------------------------------------------------

@@ -72,11 +72,13 @@ WITH held AS (
         updated_at = now()
     FROM next
     WHERE t.id = next.id
-    RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token
+    RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token,
+              t.timeout_seconds
 )
 SELECT (SELECT count(*) FROM completion) AS completed,
        (SELECT status FROM completion) AS finished_status,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
+       c.timeout_seconds,
        (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),
                         '[]'::json)
         FROM conversations AS v
@@ -113,6 +115,73 @@ SELECT (SELECT count(*) FROM held) AS held,
        (SELECT count(*) FROM done) AS checkpointed,
        (SELECT taskapp_publish('conversation.updated', task_id, status, :instance_id, id)
         FROM done) AS notified;
+
+-- name: report_progress
+-- Store a claimed task's progress for the lease holder and send it as task.progress (no row:
+-- the lease is lost).
+WITH reported AS (
+    UPDATE tasks
+    SET progress = jsonb_build_object('done', CAST(:done AS integer),
+                                      'total', CAST(:total AS integer),
+                                      'message', CAST(:message AS text), 'at', {{ iso_now() }}),
+        updated_at = now()
+    WHERE id = :task_id AND lease_token = :lease_token
+    RETURNING id, status, progress
+)
+SELECT id, taskapp_publish('task.progress', id, status, :instance_id, NULL, NULL,
+                           jsonb_build_object('progress', progress)) AS notified
+FROM reported;
+
+-- name: emit_output
+-- Send chunks of a conversation's live output as conversation.output events, in order, for
+-- the lease holder (no row: the lease is lost). Not stored: only stream clients see them.
+SELECT t.id,
+       (SELECT count(*)
+        FROM (SELECT taskapp_publish('conversation.output', t.id, t.status, :instance_id,
+                                     :conversation_id, NULL,
+                                     jsonb_build_object('output',
+                                         jsonb_build_object('seq', x.seq, 'text', x.text)))
+              FROM unnest(CAST(:seqs AS integer[]), CAST(:texts AS text[])) WITH ORDINALITY
+                   AS x(seq, text, n)
+              ORDER BY x.n) AS published) AS sent
+FROM tasks AS t
+WHERE t.id = :task_id AND t.lease_token = :lease_token;
+
+-- name: defer
+-- Put a claimed task back to pending for :delay seconds without spending its attempt, for the
+-- lease holder, while it has deferrals left, recording why in its error history. `held` 0:
+-- the lease is lost; `deferred` 0: MAX_DEFERRALS reached (the worker fails the attempt).
+WITH held AS (
+    SELECT id, deferrals FROM tasks
+    WHERE id = :task_id AND lease_token = :lease_token
+    FOR UPDATE
+), deferred AS (
+    UPDATE tasks AS t
+    SET status = 'pending',
+        attempts = greatest(t.attempts - 1, 0),
+        deferrals = t.deferrals + 1,
+        run_after = now() + make_interval(secs => :delay),
+        processing_instance_id = NULL,
+        last_error = :reason,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM held
+    WHERE t.id = held.id AND held.deferrals < :max_deferrals
+    RETURNING t.id, t.attempts + 1 AS attempt, t.status, t.run_after
+), history AS (
+    INSERT INTO task_errors (task_id, attempt, instance_id, error)
+    SELECT id, attempt, :instance_id, :reason FROM deferred
+), trimmed AS (
+    DELETE FROM task_errors
+    WHERE task_id IN (SELECT id FROM deferred)
+      AND id NOT IN (SELECT e.id FROM task_errors AS e WHERE e.task_id = :task_id
+                     ORDER BY e.id DESC LIMIT :keep_errors - 1)
+)
+SELECT (SELECT count(*) FROM held) AS held,
+       (SELECT count(*) FROM deferred) AS deferred,
+       (SELECT taskapp_publish('task.deferred', id, status, :instance_id, NULL, run_after)
+        FROM deferred) AS notified;
 
 -- name: fail
 -- Record a failed attempt for the lease holder: pending again after a backoff while attempts remain, else failed.

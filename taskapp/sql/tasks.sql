@@ -27,9 +27,11 @@ SELECT (SELECT coalesce(sum(n), 0) FROM task_counts
 -- name: create_task
 -- Insert a pending task and its conversations, send task.created, return the task's JSON.
 WITH t AS (
-    INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts)
+    INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts,
+                       timeout_seconds)
     VALUES (:title, :description, :priority, :scheduled_for,
-            coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts)
+            coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts,
+            :timeout_seconds)
     RETURNING *
 ), c AS (
     INSERT INTO conversations (task_id, content)
@@ -73,6 +75,8 @@ WITH u AS (
                          ELSE run_after END,
         max_attempts = CASE WHEN :set_max_attempts
                             THEN CAST(:max_attempts AS integer) ELSE max_attempts END,
+        timeout_seconds = CASE WHEN :set_timeout_seconds
+                               THEN CAST(:timeout_seconds AS integer) ELSE timeout_seconds END,
         updated_at = now()
     WHERE id = :task_id
     RETURNING *
@@ -83,19 +87,25 @@ SELECT u.id, {{ task_json(u) }}::text AS json,
 FROM u;
 
 -- name: delete_task
--- Delete a task (its conversations and errors cascade) and send task.deleted.
+-- Delete a task (its conversations and errors cascade) and send task.deleted; the holder of
+-- a processing one is told on taskapp_cancel, so its processor stops.
 WITH d AS (
     DELETE FROM tasks WHERE id = :task_id RETURNING id, status
 )
-SELECT id, taskapp_publish('task.deleted', id, status, :instance_id) AS notified FROM d;
+SELECT id, taskapp_publish('task.deleted', id, status, :instance_id) AS notified,
+       CASE WHEN status = 'processing' THEN pg_notify('taskapp_cancel', CAST(id AS text))
+       END AS revoked
+FROM d;
 
 -- name: retry_task
 -- A task in one of :from_states back to pending with fresh attempts, its conversations active
--- (results and processed times cleared: the rerun does every conversation again).
+-- (results, progress and processed times cleared: the rerun does every conversation again).
 WITH r AS (
     UPDATE tasks
     SET status = 'pending',
         attempts = 0,
+        deferrals = 0,
+        progress = NULL,
         run_after = now(),
         lease_token = NULL,
         lease_expires_at = NULL,
@@ -115,15 +125,21 @@ SELECT id, taskapp_publish('task.updated', id, status, :instance_id, NULL, run_a
 FROM r;
 
 -- name: cancel_task
--- A task in one of :from_states to cancelled; returns its JSON.
-WITH u AS (
-    UPDATE tasks
-    SET status = 'cancelled', updated_at = now()
-    WHERE id = :task_id AND status = ANY(CAST(:from_states AS text[]))
-    RETURNING *
+-- A task in one of :from_states to cancelled; returns its JSON. A processing task's lease is
+-- revoked (its late writes are fenced off) and its holder told on taskapp_cancel.
+WITH old AS (
+    SELECT id, status FROM tasks WHERE id = :task_id FOR UPDATE
+), u AS (
+    UPDATE tasks AS t
+    SET status = 'cancelled', lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM old
+    WHERE t.id = old.id AND old.status = ANY(CAST(:from_states AS text[]))
+    RETURNING t.*, old.status AS was
 )
 SELECT u.id, {{ task_json(u) }}::text AS json,
-       taskapp_publish('task.cancelled', u.id, u.status, :instance_id) AS notified
+       taskapp_publish('task.cancelled', u.id, u.status, :instance_id) AS notified,
+       CASE WHEN u.was = 'processing' THEN pg_notify('taskapp_cancel', CAST(u.id AS text))
+       END AS revoked
 FROM u;
 
 -- name: create_conversation
