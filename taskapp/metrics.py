@@ -27,6 +27,10 @@ TASKS_COMPLETED = Counter("taskapp_tasks_completed", "Tasks completed")
 TASKS_RETRIED = Counter("taskapp_tasks_retried", "Failed attempts sent back to pending")
 TASKS_FAILED = Counter("taskapp_tasks_failed", "Tasks failed for good (out of attempts)")
 TASKS_RESCUED = Counter("taskapp_tasks_rescued", "Tasks taken back after their lease ran out")
+TASKS_DEFERRED = Counter("taskapp_tasks_deferred", "Attempts that deferred their task (Defer)")
+TASKS_TIMED_OUT = Counter(
+    "taskapp_tasks_timed_out", "Attempts failed at their timeout", ["abandoned"]
+)
 PROCESSING_SECONDS = Histogram(
     "taskapp_task_processing_seconds",
     "Time the processor spent on one attempt",
@@ -57,6 +61,15 @@ def task_completed(duration: float) -> None:
 def task_failed(duration: float, *, final: bool) -> None:
     (TASKS_FAILED if final else TASKS_RETRIED).inc()
     PROCESSING_SECONDS.labels("failed").observe(duration)
+
+
+def task_deferred() -> None:
+    TASKS_DEFERRED.inc()
+
+
+def task_timed_out(*, abandoned: bool) -> None:
+    """abandoned: the processor did not stop within the grace, and its thread was given up."""
+    TASKS_TIMED_OUT.labels("true" if abandoned else "false").inc()
 
 
 def tasks_rescued(count: int) -> None:

@@ -399,6 +399,7 @@ class Worker:
                 log.info("task %d stopped (%s); nothing recorded", task.id, reason, extra=extra)
                 return []
             if reason == CancelReason.TIMEOUT:
+                metrics.task_timed_out(abandoned=False)
                 ending = Ending(error=self._timeout_error(running, stopped=True))
             outcome, next_claims = self._record(claimed, ending, claim_next=claim_next)
         finally:
@@ -490,6 +491,7 @@ class Worker:
             self.abandoned_threads,
             extra={"task_id": task.id},
         )
+        metrics.task_timed_out(abandoned=True)
         ending = Ending(error=self._timeout_error(running, stopped=False))
         outcome, _ = self._record(running.claim, ending, claim_next=False)
         if outcome is not None:
@@ -598,6 +600,7 @@ class Worker:
                 extra=extra,
             )
         elif ending.deferral is not None:
+            metrics.task_deferred()
             log.info(
                 "task %d deferred for %gs (%s); the attempt does not count",
                 task.id,
