@@ -181,6 +181,8 @@ class Worker:
         self._finishing: set[int] = set()
         self._handed_back: set[int] = set()
         self._running: dict[int, Running] = {}
+        # Held tasks revoked before their processor started: {task id: (claim, reason)}.
+        self._revoked: dict[int, tuple[Claim, str]] = {}
         self._stopping = threading.Event()
         # The work threads that own a slot; an abandoned one leaves this list for the next.
         self._threads: list[threading.Thread] = []
@@ -225,11 +227,15 @@ class Worker:
             return held is claimed and claimed.task.id not in self._finishing
 
     def revoke(self, task_id: int, reason: str) -> bool:
-        """Set the cancellation flag of the attempt running task_id here, if any."""
+        """Set the cancellation flag of the attempt holding task_id here, if any (one claimed
+        but not started yet gets it as it starts)."""
         with self._lock:
             running = self._running.get(task_id)
-        if running is None:
-            return False
+            if running is None:
+                held = self._held.get(task_id)
+                if held is not None and task_id not in self._finishing:
+                    self._revoked[task_id] = (held, reason)
+                return held is not None
         running.context.cancel(reason)
         return True
 
@@ -380,7 +386,8 @@ class Worker:
         next_claims: list[Claim] = []
         try:
             with self._lock:
-                self._running.pop(task.id, None)
+                if self._running.get(task.id) is running:
+                    self._running.pop(task.id)
                 if running.abandoned:
                     log.warning(
                         "task %d: its processor returned %.1fs after its timeout, when the "
@@ -404,9 +411,10 @@ class Worker:
             outcome, next_claims = self._record(claimed, ending, claim_next=claim_next)
         finally:
             with self._lock:
+                # An abandoned attempt's task may be running here again under a new claim.
                 if not running.abandoned:
                     self._held.pop(task.id, None)
-                self._finishing.discard(task.id)
+                    self._finishing.discard(task.id)
         if outcome is not None:
             self._report(claimed, outcome, ending, duration)
         return next_claims
@@ -417,12 +425,15 @@ class Worker:
         running = Running(claimed, context, threading.current_thread(), timeout)
         with self._lock:
             self._running[claimed.task.id] = running
+            revoked_claim, revoked = self._revoked.pop(claimed.task.id, (None, None))
             deadline = running.deadline
             wake_watchdog = deadline is not None and deadline < self._watch_until
             if deadline is not None and wake_watchdog:
                 self._watch_until = deadline
         if wake_watchdog:
             self._watch.set()
+        if revoked is not None and revoked_claim is claimed:
+            context.cancel(revoked)
         return running
 
     def _timeout_error(self, running: Running, *, stopped: bool) -> str:
