@@ -58,9 +58,17 @@ def drain_raw(url: str, processes: int, tasks: int, timeout: float) -> DrainResu
 
 
 def drain_taskapp(
-    url: str, instances: int, tasks: int, concurrency: int, timeout: float, *, truncate: bool = True
+    url: str,
+    instances: int,
+    tasks: int,
+    concurrency: int,
+    timeout: float,
+    *,
+    truncate: bool = True,
+    conversations: int = 2,
 ) -> DrainResult:
-    """Start `instances` taskapp instances on an empty queue, then time a drain of `tasks`."""
+    """Start `instances` taskapp instances on an empty queue, then time a drain of `tasks`
+    (each with `conversations` conversations; bench/peers.py drains them with none)."""
     if truncate:
         truncate_tasks(url)
     with contextlib.ExitStack() as stack:
@@ -68,7 +76,7 @@ def drain_taskapp(
             server = taskapp_server(url, name=f"taskapp-{n}", WORKER_CONCURRENCY=concurrency)
             stack.enter_context(server)
             server.start()
-        ids = insert_tasks(url, tasks, wake=True)
+        ids = insert_tasks(url, tasks, conversations=conversations, wake=True)
         seconds = wait_completed(url, ids, timeout=timeout)
     result = DrainResult("taskapp", instances, ids.count, seconds)
     log(f"taskapp x{instances} (concurrency {concurrency}): {result.rate:,.0f} tasks/s")

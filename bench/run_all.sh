@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Run every benchmark in turn; the result tables go to stdout (and bench/results/<date>.md),
 # progress to stderr.
-#   bench/run_all.sh           full run (10-15 min on 2 cores)
+#   bench/run_all.sh           full run (15-20 min on 2 cores)
 #   bench/run_all.sh --quick   smoke run with small counts and short runs (2-3 min)
 # Needs: wrk (apt-get install -y wrk), PostgreSQL reachable as $BENCH_PG_URL
 # (default postgresql://postgres@127.0.0.1:5432/postgres, a role that may create databases),
 # and the dev requirements installed in the active Python (pip install -r requirements-dev.txt).
+# bench.peers also installs PgQueuer and procrastinate into bench/.venv-peers on its first run
+# (from the package index; see bench/requirements-peers.txt).
 # BENCH_RESULTS_DIR: where the tables are saved (default bench/results).
+# BENCH_SKIP: benchmarks to leave out, space-separated (e.g. BENCH_SKIP="peers growth").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,7 +29,10 @@ out="$results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
 run_all() {
   local status=0
   echo "# taskapp benchmarks $(date -u '+%Y-%m-%d %H:%M UTC')${quick:+ (quick)}"
-  for bench in http drain pickup growth memory; do
+  for bench in http drain pickup growth memory peers; do
+    case " ${BENCH_SKIP:-} " in
+      *" $bench "*) echo "[run_all] bench.$bench skipped (BENCH_SKIP)" >&2; continue ;;
+    esac
     echo "[run_all] bench.$bench" >&2
     "$python" -m "bench.$bench" "${quick[@]}" || {
       status=$?

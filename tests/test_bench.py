@@ -3,7 +3,9 @@
 Not a timed test: nothing here asserts a speed. It catches a benchmark that no longer starts,
 drains or finds what it measures after a change elsewhere (the growth script once looked for a
 queue statement that a refactoring had removed). Needs wrk, which ./test.sh installs when
-missing; without it the test fails, saying so.
+missing; without it the test fails, saying so. bench/peers.py has a test of its own: it needs
+its peers installed from the package index, and is skipped, saying why, when that can't be
+reached.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def test_every_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> 
         "BENCH_PG_URL": server_url,
         "BENCH_RESULTS_DIR": str(tmp_path),
         "PYTHON": sys.executable,
+        "BENCH_SKIP": "peers",  # test_peers_benchmark_runs_in_quick_mode
     }
     done = subprocess.run(
         [str(ROOT / "bench" / "run_all.sh"), "--quick"],
@@ -49,3 +52,47 @@ def test_every_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> 
         assert table in done.stdout, (table, done.stdout[-3000:])
     (saved,) = tmp_path.glob("*-quick.md")
     assert saved.read_text() == done.stdout
+
+
+PEERS_INSTALL_FAILED = 3  # bench/peers.py's exit code when its venv can't be installed
+
+
+def _package_index_reachable(tmp_path: Path) -> tuple[bool, str]:
+    """Whether pip can fetch one pinned peer from the package index (pip's own settings)."""
+    pin = next(
+        line
+        for line in (ROOT / "bench" / "requirements-peers.txt").read_text().splitlines()
+        if line.startswith("pgqueuer==")
+    )
+    probe = ["download", "--no-deps", "--no-cache-dir", "--dest", str(tmp_path / "probe"), pin]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", *probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return done.returncode == 0, lines[-1] if lines else ""
+
+
+def test_peers_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "BENCH_PG_URL": server_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.peers", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode == PEERS_INSTALL_FAILED:
+        reachable, said = _package_index_reachable(tmp_path)
+        if not reachable:
+            pytest.skip(
+                "bench/peers.py needs PgQueuer and procrastinate from the package index, "
+                f"which pip can't reach here ({said})"
+            )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### Peers: drain of" in done.stdout, done.stdout[-3000:]
+    for row in ("taskapp, 2 instances", "PgQueuer ", "procrastinate ", "pgbench_claim.sql"):
+        assert row in done.stdout, (row, done.stdout[-3000:])
