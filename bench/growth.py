@@ -51,12 +51,12 @@ TARGET = 1.3
 PENDING_FOR_HTTP = 1000
 # The worker's claim: complete_and_claim with nothing to complete.
 CLAIM_PARAMS = {
-    "task_id": None,
-    "lease_token": None,
+    "task_ids": [],
+    "lease_tokens": [],
+    "results": [],
     "instance_id": "bench-explain",
     "limit": 1,
     "lease_seconds": 30,
-    "result": None,
 }
 
 

@@ -14,10 +14,11 @@ import socket
 import threading
 
 from . import metrics, queue
+from .attempt import short_error
 from .config import Settings
 from .database import Database
 from .processor import CancelReason
-from .worker import Worker, short_error
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 

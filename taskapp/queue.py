@@ -54,7 +54,9 @@ class Outcome:
 
 def claim(database: Database, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
     """Lease up to `limit` of the most urgent due pending tasks to this instance."""
-    _, claims = _complete_and_claim(database, None, instance_id, limit, lease_seconds)
+    _, claims = complete_and_claim_many(
+        database, [], instance_id=instance_id, limit=limit, lease_seconds=lease_seconds
+    )
     return claims
 
 
@@ -67,9 +69,16 @@ def complete_and_claim(
     lease_seconds: float,
     result: str | None = None,
 ) -> tuple[Outcome, list[Claim]]:
-    """Complete a task and claim the next ones in one statement (the worker's busy path);
-    `result` is the processor's return value as JSON text (processor.encode_result)."""
-    return _complete_and_claim(database, claimed, instance_id, limit, lease_seconds, result)
+    """Complete one task and claim the next ones in one statement; `result` is the
+    processor's return value as JSON text (processor.encode_result)."""
+    (outcome,), claims = complete_and_claim_many(
+        database,
+        [(claimed, result)],
+        instance_id=instance_id,
+        limit=limit,
+        lease_seconds=lease_seconds,
+    )
+    return outcome, claims
 
 
 def complete(
@@ -77,30 +86,37 @@ def complete(
 ) -> Outcome:
     """Complete a task for the holder of its lease: the conversations of its snapshot, unless
     edited since, turn processed; with others still active it goes back to pending instead."""
-    outcome, _ = _complete_and_claim(database, claimed, instance_id, 0, 0, result)
+    outcome, _ = complete_and_claim(
+        database, claimed, instance_id=instance_id, limit=0, lease_seconds=0, result=result
+    )
     return outcome
 
 
-def _complete_and_claim(
+def complete_and_claim_many(
     database: Database,
-    claimed: Claim | None,
+    completions: list[tuple[Claim, str | None]],
+    *,
     instance_id: str,
     limit: int,
     lease_seconds: float,
-    result: str | None = None,
-) -> tuple[Outcome, list[Claim]]:
+) -> tuple[list[Outcome], list[Claim]]:
+    """Complete many tasks, each fenced by its own lease token, and claim up to `limit` more,
+    in one statement. Returns an Outcome per completion, in order, and the new claims."""
     params = {
-        "task_id": claimed.task.id if claimed else None,
-        "lease_token": claimed.lease_token if claimed else None,
+        "task_ids": [claimed.task.id for claimed, _ in completions],
+        "lease_tokens": [claimed.lease_token for claimed, _ in completions],
+        "results": [result for _, result in completions],
         "instance_id": instance_id,
         "limit": limit,
         "lease_seconds": lease_seconds,
-        "result": result,
     }
     rows = database.fetch("complete_and_claim", params)
-    applied = bool(rows[0].completed)
-    outcome = Outcome(applied=applied, status=rows[0].finished_status if applied else None)
-    return outcome, _claims([row for row in rows if row.id is not None])
+    finished = {item["id"]: item["status"] for item in _json(rows[0].finished)}
+    outcomes = [
+        Outcome(applied=claimed.task.id in finished, status=finished.get(claimed.task.id))
+        for claimed, _ in completions
+    ]
+    return outcomes, _claims([row for row in rows if row.id is not None])
 
 
 def checkpoint(

@@ -1,11 +1,12 @@
-"""The work threads of an instance: claim, process, finish, and hand back at shutdown.
+"""The work threads of an instance: run claimed tasks, report how they ended, and hand back
+at shutdown.
 
-WORKER_CONCURRENCY threads each claim one task at a time. An idle thread sleeps until woken
-(LISTEN/NOTIFY, via wake()), until the next scheduled task is due, or for at most
-POLL_INTERVAL_SECONDS. No transaction or connection is held while a task's work runs: a claim
-commits at once, and the result is written later, fenced by the claim's lease token. The
-leases of held tasks are renewed by the housekeeper (taskapp.housekeeper), which reads them
-through held_claims().
+The dispatcher (taskapp.dispatcher) claims tasks for free work slots and writes completions
+in batches; each of the WORKER_CONCURRENCY work threads waits for a claim, runs the processor
+with no transaction or connection held, and hands the result back to the dispatcher (a
+failure or a deferral it writes itself). Every write is fenced by the claim's lease token.
+The leases of held tasks are renewed by the housekeeper (taskapp.housekeeper), which reads
+them through held_claims().
 
 A running attempt's cancellation flag (processor.Context) is set by revoke(): on a cancel
 (the listener hears it on taskapp_cancel), a lost lease (the housekeeper's renewal), the end
@@ -20,146 +21,37 @@ A Worker needs only a Database, the settings and a processor, so tests run it in
 from __future__ import annotations
 
 import logging
+import queue as queues
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import psycopg
-
 from . import metrics, queue
+from .attempt import (
+    AttemptWrites,
+    Backoff,
+    DeferralsExhausted,
+    Deferred,
+    Ending,
+    ResultNotStorable,
+    Running,
+    TaskTimeout,
+    describe_error,
+    short_error,
+)
 from .config import Settings
 from .database import Database
-from .processor import (
-    CancelReason,
-    Context,
-    Defer,
-    LeaseLost,
-    Processor,
-    ProcessorContractError,
-    adapt,
-    encode_result,
-)
+from .dispatcher import Completion, Dispatcher
+from .processor import CancelReason, Context, Defer, Processor, adapt, encode_result
 from .queue import Claim
+
+__all__ = ["Worker", "describe_error", "short_error"]
 
 log = logging.getLogger(__name__)
 
-MAX_ERROR_LENGTH = 2000
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as the error history keeps it: its type and message, bounded."""
-    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
-
-
-def short_error(exc: BaseException) -> str:
-    """An exception on one log line."""
-    return describe_error(exc).splitlines()[0][:300]
-
-
-class ResultNotStorable(ProcessorContractError):
-    """A result encode_result() let through but PostgreSQL refused."""
-
-
-class TaskTimeout(ProcessorContractError):
-    """The attempt ran past its timeout (recorded in the error history)."""
-
-
-class Deferred(Exception):
-    """A deferral, as the error history records it."""
-
-
-class DeferralsExhausted(ProcessorContractError):
-    """A deferral past MAX_DEFERRALS: it fails the attempt instead."""
-
-
-@dataclass
-class Ending:
-    """How an attempt ended, as the worker records it: a result, an error, or a deferral."""
-
-    result: str | None = None
-    error: str | None = None
-    deferral: Defer | None = None
-
-
-@dataclass(eq=False)
-class Running:
-    """An attempt whose processor is running on one of the work threads."""
-
-    claim: Claim
-    context: Context
-    thread: threading.Thread
-    timeout_seconds: float | None
-    started: float = field(default_factory=time.monotonic)
-    abandoned: bool = False
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout_seconds is None else self.started + self.timeout_seconds
-
-
-class AttemptWrites:
-    """The fenced writes of one attempt's Context (processor.Writes)."""
-
-    def __init__(self, worker: Worker, claimed: Claim) -> None:
-        self._worker = worker
-        self._claimed = claimed
-
-    def _lost(self, what: str) -> LeaseLost:
-        return LeaseLost(
-            f"task {self._claimed.task.id}: this attempt no longer holds its lease; {what}"
-        )
-
-    def checkpoint(self, conversation_id: int, result: str | None) -> bool:
-        outcome = queue.checkpoint(
-            self._worker.database,
-            self._claimed,
-            instance_id=self._worker.instance_id,
-            conversation_id=conversation_id,
-            result=result,
-        )
-        if not outcome.applied:
-            raise self._lost(f"conversation {conversation_id} was not checkpointed")
-        return outcome.status == "processed"
-
-    def progress(self, done: int, total: int | None, message: str | None) -> None:
-        if not queue.report_progress(
-            self._worker.database,
-            self._claimed,
-            instance_id=self._worker.instance_id,
-            done=done,
-            total=total,
-            message=message,
-        ):
-            raise self._lost("its progress was not stored")
-
-    def output(self, conversation_id: int, chunks: list[tuple[int, str]]) -> None:
-        if not queue.emit_output(
-            self._worker.database,
-            self._claimed,
-            instance_id=self._worker.instance_id,
-            conversation_id=conversation_id,
-            chunks=chunks,
-        ):
-            raise self._lost("its output was not sent")
-
-
-class Backoff:
-    """Growing pauses after database errors, so an outage is not hammered."""
-
-    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first, self.cap, self.current = first, cap, 0.0
-
-    def next(self) -> float:
-        self.current = min(self.cap, self.current * 2 if self.current else self.first)
-        return self.current
-
-    def reset(self) -> None:
-        self.current = 0.0
-
 
 class Worker:
-    """An instance's work threads. start() and stop() are idempotent."""
+    """An instance's work threads and dispatcher. start() and stop() are idempotent."""
 
     def __init__(
         self, *, database: Database, settings: Settings, processor: Processor, instance_id: str
@@ -173,8 +65,6 @@ class Worker:
         self.processed_count = 0
         self.failed_count = 0
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._generation = 0
         self._held: dict[int, Claim] = {}
         # Tasks whose result is being written: their lease ends with that write, so a renewal
         # that misses them has not lost anything.
@@ -183,11 +73,22 @@ class Worker:
         self._running: dict[int, Running] = {}
         # Held tasks revoked before their processor started: {task id: (claim, reason)}.
         self._revoked: dict[int, tuple[Claim, str]] = {}
+        # Claims for the work threads; None tells one thread to end.
+        self._claims: queues.SimpleQueue[Claim | None] = queues.SimpleQueue()
         self._stopping = threading.Event()
         # The work threads that own a slot; an abandoned one leaves this list for the next.
         self._threads: list[threading.Thread] = []
         self._abandoned: list[threading.Thread] = []
         self._thread_count = 0
+        self.dispatcher = Dispatcher(
+            database=database,
+            settings=settings,
+            instance_id=instance_id,
+            slots=settings.worker_concurrency,
+            claimed=self._on_claimed,
+            finished=self._on_finished,
+            refused=self._on_refused,
+        )
         # Wakes the watchdog when an attempt with an earlier deadline starts.
         self._watch = threading.Event()
         self._watch_until = float("inf")
@@ -245,13 +146,16 @@ class Worker:
                 return
             self._started = True
         count = self.settings.worker_concurrency if self.settings.worker_enabled else 0
+        if not count:
+            log.info("worker disabled: this instance claims nothing")
+            return
         for _ in range(count):
             self._start_work_thread()
-        if count:
-            self._watchdog = threading.Thread(
-                target=self._watch_timeouts, name="taskapp-watchdog", daemon=True
-            )
-            self._watchdog.start()
+        self._watchdog = threading.Thread(
+            target=self._watch_timeouts, name="taskapp-watchdog", daemon=True
+        )
+        self._watchdog.start()
+        self.dispatcher.start()
         log.info("worker started: %d thread(s), instance %s", count, self.instance_id)
 
     def _start_work_thread(self) -> None:
@@ -265,9 +169,16 @@ class Worker:
         thread.start()
 
     def begin_stop(self) -> None:
-        """Stop claiming at once (the first thing a SIGTERM does)."""
+        """Stop claiming at once (the first thing a SIGTERM does); completions are still
+        written while running tasks finish."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
-        self.wake()
+        self.dispatcher.stop_claiming()
+        with self._lock:
+            idle_or_not = len(self._threads)
+        for _ in range(idle_or_not):
+            self._claims.put(None)
 
     def stop(self, grace: float | None = None) -> int:
         """Stop claiming, let running tasks finish within the grace period, hand back the rest;
@@ -290,88 +201,57 @@ class Worker:
                 if self._threads == threads or time.monotonic() >= deadline:
                     break
         with self._lock:
-            unfinished = list(self._held.values())
+            # Not finishing: still running, or claimed and never started.
+            unfinished = [c for c in self._held.values() if c.task.id not in self._finishing]
             self._handed_back.update(c.task.id for c in unfinished)
             still_running = list(self._running.values())
-        for running in still_running:
-            running.context.cancel(CancelReason.SHUTDOWN)
+        self.dispatcher.stop()  # writes the completions still waiting
         for claimed in unfinished:
             self._hand_back(claimed)
+        # After the hand-back, so a processor that looks finds its lease gone.
+        for running in still_running:
+            running.context.cancel(CancelReason.SHUTDOWN)
         self._watch_done.set()
         self._watch.set()
         log.info("worker stopped, %d task(s) handed back", len(unfinished))
         return len(unfinished)
 
     def wake(self) -> None:
-        """Wake idle work threads: a task may be claimable now."""
-        with self._wakeup:
-            self._generation += 1
-            self._wakeup.notify_all()
+        """A task may be claimable now."""
+        self.dispatcher.wake()
 
     # -- work threads -------------------------------------------------------------------------
 
-    def _work_loop(self) -> None:
-        backoff = Backoff()
-        ready: list[Claim] = []  # leased to us, not started yet
-        me = threading.current_thread()
-        while not self._stopping.is_set() and me in self._threads:
-            if not ready:
-                generation = self._generation
-                try:
-                    ready = self._hold(
-                        queue.claim(
-                            self.database,
-                            instance_id=self.instance_id,
-                            limit=1,
-                            lease_seconds=self.settings.lease_seconds,
-                        )
-                    )
-                    backoff.reset()
-                except Exception as exc:
-                    delay = backoff.next()
-                    log.warning("claim failed (%s); retrying in %.1fs", short_error(exc), delay)
-                    self._stopping.wait(delay)
-                    continue
-                if not ready:
-                    self._wait_for_work(generation)
-                    continue
-            claimed = ready.pop(0)
-            # While busy, the completion also claims the next task: one round trip a task.
-            ready.extend(self._process(claimed, claim_next=not ready))
-        # Claims never started are still held: stop() hands them back.
-
-    def _hold(self, claims: list[Claim]) -> list[Claim]:
-        """Track new claims, so their leases are renewed and a stop hands them back."""
+    def _on_claimed(self, claims: list[Claim]) -> None:
+        """The dispatcher's new claims, one per free slot: hold them, hand them out."""
         with self._lock:
             for claimed in claims:
                 self._held[claimed.task.id] = claimed
         metrics.tasks_claimed(len(claims))
-        return claims
+        for claimed in claims:
+            self._claims.put(claimed)
 
-    def _wait_for_work(self, generation: int) -> None:
-        timeout = self.settings.poll_interval_seconds
-        try:
-            due = queue.seconds_until_next_due(self.database)
-        except Exception:
-            due = None
-        if due is not None:
-            timeout = min(timeout, due)
-        deadline = time.monotonic() + timeout
-        with self._wakeup:
-            while generation == self._generation and not self._stopping.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._wakeup.wait(remaining)
+    def _work_loop(self) -> None:
+        me = threading.current_thread()
+        while True:
+            claimed = self._claims.get()
+            if claimed is None or self._stopping.is_set():
+                return  # a claim never started is still held: stop() hands it back
+            self._process(claimed)
+            with self._lock:
+                if me not in self._threads:
+                    return  # abandoned at a timeout: its slot went to a new thread
+            self.dispatcher.slot_freed()
 
-    def _process(self, claimed: Claim, *, claim_next: bool) -> list[Claim]:
-        """Run the task and record how it ended; return the next claims, if any were made."""
+    def _process(self, claimed: Claim) -> None:
+        """Run the task, then hand its result to the dispatcher or record how it failed."""
         task = claimed.task
         extra = {"task_id": task.id}
         # DEBUG: at thousands of tasks a second, a line per claim costs real CPU; the
         # completion line says which instance ran the task.
         log.debug("task %d claimed (attempt %d)", task.id, task.attempts, extra=extra)
-        context = Context(task, AttemptWrites(self, claimed), self.settings.result_max_bytes)
+        writes = AttemptWrites(self.database, self.instance_id, claimed)
+        context = Context(task, writes, self.settings.result_max_bytes)
         running = self._begin(claimed, context)
         ending = Ending()
         try:
@@ -382,42 +262,66 @@ class Worker:
         except Exception as exc:
             ending.error = describe_error(exc)
         duration = time.monotonic() - running.started
-        outcome: queue.Outcome | None = None
-        next_claims: list[Claim] = []
-        try:
-            with self._lock:
-                if self._running.get(task.id) is running:
-                    self._running.pop(task.id)
-                if running.abandoned:
-                    log.warning(
-                        "task %d: its processor returned %.1fs after its timeout, when the "
-                        "attempt had been failed; nothing it did after that is recorded",
-                        task.id,
-                        duration - (running.timeout_seconds or 0),
-                        extra=extra,
-                    )
-                    return []
-                if task.id in self._handed_back:
-                    log.info("task %d was handed back during shutdown", task.id, extra=extra)
-                    return []
-                self._finishing.add(task.id)
-            reason = context.cancel_reason
-            if reason in (CancelReason.CANCELLED, CancelReason.LEASE_LOST):
-                log.info("task %d stopped (%s); nothing recorded", task.id, reason, extra=extra)
-                return []
-            if reason == CancelReason.TIMEOUT:
-                metrics.task_timed_out(abandoned=False)
-                ending = Ending(error=self._timeout_error(running, stopped=True))
-            outcome, next_claims = self._record(claimed, ending, claim_next=claim_next)
-        finally:
-            with self._lock:
-                # An abandoned attempt's task may be running here again under a new claim.
-                if not running.abandoned:
-                    self._held.pop(task.id, None)
-                    self._finishing.discard(task.id)
+        with self._lock:
+            if self._running.get(task.id) is running:
+                self._running.pop(task.id)
+            if running.abandoned:
+                log.warning(
+                    "task %d: its processor returned %.1fs after its timeout, when the "
+                    "attempt had been failed; nothing it did after that is recorded",
+                    task.id,
+                    duration - (running.timeout_seconds or 0),
+                    extra=extra,
+                )
+                return
+            if task.id in self._handed_back:
+                if self._held.get(task.id) is claimed:
+                    del self._held[task.id]
+                log.info("task %d was handed back during shutdown", task.id, extra=extra)
+                return
+            self._finishing.add(task.id)
+        reason = context.cancel_reason
+        if reason in (CancelReason.CANCELLED, CancelReason.LEASE_LOST):
+            self._let_go(claimed)
+            log.info("task %d stopped (%s); nothing recorded", task.id, reason, extra=extra)
+            return
+        if reason == CancelReason.TIMEOUT:
+            metrics.task_timed_out(abandoned=False)
+            ending = Ending(error=self._timeout_error(running, stopped=True))
+        if ending.error is None and ending.deferral is None:
+            self.dispatcher.complete(Completion(claimed, ending.result, duration))
+            return
+        outcome = self._record(claimed, ending)
+        self._let_go(claimed)
         if outcome is not None:
             self._report(claimed, outcome, ending, duration)
-        return next_claims
+
+    def _let_go(self, claimed: Claim) -> None:
+        """This claim's attempt is over: stop renewing its lease."""
+        with self._lock:
+            if self._held.get(claimed.task.id) is claimed:
+                del self._held[claimed.task.id]
+                self._finishing.discard(claimed.task.id)
+
+    def _on_finished(self, completion: Completion, outcome: queue.Outcome | None) -> None:
+        """The dispatcher wrote a completion (outcome None: it could not)."""
+        self._let_go(completion.claim)
+        if outcome is not None:
+            ending = Ending(result=completion.result)
+            self._report(completion.claim, outcome, ending, completion.duration)
+
+    def _on_refused(self, completion: Completion, exc: Exception) -> None:
+        """PostgreSQL refused a result encode_result() let through: retrying can't help, so
+        the attempt fails instead."""
+        ending = Ending(
+            error=describe_error(
+                ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
+            )
+        )
+        outcome = self._record(completion.claim, ending)
+        self._let_go(completion.claim)
+        if outcome is not None:
+            self._report(completion.claim, outcome, ending, completion.duration)
 
     def _begin(self, claimed: Claim, context: Context) -> Running:
         """Register the attempt as running, with its deadline for the watchdog."""
@@ -494,6 +398,7 @@ class Worker:
         running.context.cancel(CancelReason.TIMEOUT)
         if not self._stopping.is_set():
             self._start_work_thread()
+            self.dispatcher.slot_freed()
         log.warning(
             "task %d: its processor ignored its timeout of %gs; the attempt is failed and its "
             "thread abandoned to a new one (%d abandoned thread(s) still running)",
@@ -504,15 +409,13 @@ class Worker:
         )
         metrics.task_timed_out(abandoned=True)
         ending = Ending(error=self._timeout_error(running, stopped=False))
-        outcome, _ = self._record(running.claim, ending, claim_next=False)
+        outcome = self._record(running.claim, ending)
         if outcome is not None:
             self._report(running.claim, outcome, ending, time.monotonic() - running.started)
 
-    def _record(
-        self, claimed: Claim, ending: Ending, *, claim_next: bool
-    ) -> tuple[queue.Outcome | None, list[Claim]]:
-        """Write how the attempt ended, retrying through database errors for a while; None
-        when it could not be written (the lease runs out and the task runs again)."""
+    def _record(self, claimed: Claim, ending: Ending) -> queue.Outcome | None:
+        """Write a failed or deferred attempt, retrying through database errors for a while;
+        None when it could not be written (the lease runs out and the task runs again)."""
         task = claimed.task
         backoff = Backoff(first=0.2)
         give_up_at = time.monotonic() + max(self.settings.lease_seconds * 2, 30.0)
@@ -520,69 +423,41 @@ class Worker:
             try:
                 if ending.deferral is not None:
                     outcome = self._defer(claimed, ending.deferral)
-                    if outcome.applied and outcome.status is None:
-                        ending.error = describe_error(
-                            DeferralsExhausted(
-                                f"deferred {self.settings.max_deferrals} times already "
-                                "(MAX_DEFERRALS), so this deferral fails the attempt: "
-                                f"{ending.deferral.reason or 'no reason given'}"
-                            )
-                        )
-                        ending.deferral = None
-                        continue
-                    return outcome, []
-                if ending.error is not None:
-                    outcome = queue.fail(
-                        self.database,
-                        claimed,
-                        instance_id=self.instance_id,
-                        error=ending.error,
-                        retry_base_seconds=self.settings.retry_base_seconds,
-                    )
-                    return outcome, []
-                if claim_next and not self._stopping.is_set():
-                    outcome, next_claims = queue.complete_and_claim(
-                        self.database,
-                        claimed,
-                        instance_id=self.instance_id,
-                        limit=1,
-                        lease_seconds=self.settings.lease_seconds,
-                        result=ending.result,
-                    )
-                    return outcome, self._hold(next_claims)
-                outcome = queue.complete(
-                    self.database, claimed, instance_id=self.instance_id, result=ending.result
-                )
-                return outcome, []
-            except Exception as exc:
-                refused = isinstance(exc, psycopg.DataError) and ending.error is None
-                if refused and ending.result is not None:
-                    # PostgreSQL refused the result itself: retrying can't help; the attempt
-                    # fails instead (other errors, outages among them, are retried below).
+                    if not (outcome.applied and outcome.status is None):
+                        return outcome
                     ending.error = describe_error(
-                        ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
+                        DeferralsExhausted(
+                            f"deferred {self.settings.max_deferrals} times already "
+                            "(MAX_DEFERRALS), so this deferral fails the attempt: "
+                            f"{ending.deferral.reason or 'no reason given'}"
+                        )
                     )
-                    ending.result = None
-                    continue
+                    ending.deferral = None
+                assert ending.error is not None
+                return queue.fail(
+                    self.database,
+                    claimed,
+                    instance_id=self.instance_id,
+                    error=ending.error,
+                    retry_base_seconds=self.settings.retry_base_seconds,
+                )
+            except Exception as exc:
                 if not backoff.current:
                     log.warning(
-                        "task %d: could not record its result yet (%s); retrying",
+                        "task %d: could not record its failure yet (%s); retrying",
                         task.id,
                         short_error(exc),
                         extra={"task_id": task.id},
                     )
-                # Retry without claiming: a claim made by a write whose answer was lost is
-                # taken back when its lease runs out.
-                claim_next = False
                 if time.monotonic() > give_up_at:
                     log.error(
-                        "task %d: could not record its result (%s); its lease will run out "
+                        "task %d: could not record its failure (%s); its lease will run out "
                         "and it will run again",
                         task.id,
                         short_error(exc),
                         extra={"task_id": task.id},
                     )
-                    return None, []
+                    return None
                 time.sleep(backoff.next())
 
     def _defer(self, claimed: Claim, deferral: Defer) -> queue.Outcome:
@@ -652,6 +527,9 @@ class Worker:
 
     def _hand_back(self, claimed: Claim) -> None:
         extra = {"task_id": claimed.task.id}
+        with self._lock:
+            if self._held.get(claimed.task.id) is claimed and claimed.task.id not in self._running:
+                del self._held[claimed.task.id]
         try:
             outcome = queue.release(self.database, claimed, instance_id=self.instance_id)
         except Exception as exc:

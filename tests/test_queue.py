@@ -220,12 +220,12 @@ def test_claim_uses_the_partial_index_with_many_rows(database, db_conn):
     db_conn.execute("ANALYZE tasks")
     # EXPLAIN without ANALYZE plans the real claim statement without running it.
     params = {
-        "task_id": None,
-        "lease_token": None,
+        "task_ids": [],
+        "lease_tokens": [],
+        "results": [],
         "instance_id": "a",
         "limit": 1,
         "lease_seconds": 30,
-        "result": None,
     }
     explain = "EXPLAIN " + statement("complete_and_claim")
     plan = "\n".join(row[0] for row in db_conn.execute(explain, params))

@@ -4,22 +4,29 @@
 -- go out only on commit; given the run_after of a pending task due soon, it wakes idle workers.
 
 -- name: complete_and_claim
--- Finish a task for the lease holder, then lease the most urgent due pending tasks (lock,
--- update, return), in one round trip. It is also the plain claim (:task_id NULL completes
--- nothing) and the plain completion (:limit 0 claims nothing). One row per new claim; with
--- none, a single row of NULLs. `completed` is 1 when the finish applied (0: lease lost, task
--- deleted, or nothing to complete), `finished_status` what it did: `completed`, or `pending`
--- when conversations the attempt never saw (added or edited after the claim) are still active,
--- for a continuation run that does not spend an attempt. The finish marks `processed` only the
--- conversations of the claim's snapshot still at the revision it saw, and stores :result (the
--- processor's return value as JSON text, or NULL) with the same write. A claim
--- hands the processor only the `active` conversations and keeps their revisions as its
--- snapshot (claim_snapshot); `processed` lists the done ones with their results.
-WITH held AS (
-    SELECT id, claim_snapshot
-    FROM tasks
-    WHERE id = :task_id AND lease_token = :lease_token
-    FOR UPDATE
+-- Finish tasks for their lease holders, then lease the most urgent due pending tasks (lock,
+-- update, return), in one round trip: the dispatcher's every round (taskapp/dispatcher.py).
+-- :task_ids, :lease_tokens and :results are parallel arrays of the completions (empty: a
+-- plain claim); :limit 0 claims nothing. One row per new claim, or a single row of NULLs
+-- with none; every row carries `finished`, a JSON array of {"id", "status"} for each
+-- completion that applied (one missing: lease lost or task deleted). A finish's status is
+-- `completed`, or `pending` when conversations the attempt never saw (added or edited after
+-- its claim) are still active, for a continuation run that does not spend an attempt. A
+-- finish marks `processed` only the conversations of its claim's snapshot still at the
+-- revision it saw, and stores its result (the processor's return value as JSON text, or
+-- NULL) with the same write. A claim hands the processor only the `active` conversations and
+-- keeps their revisions as its snapshot (claim_snapshot); `processed` lists the done ones
+-- with their results.
+WITH finishing AS (
+    SELECT f.task_id, f.lease_token, f.result
+    FROM unnest(CAST(:task_ids AS bigint[]), CAST(:lease_tokens AS uuid[]),
+                CAST(:results AS text[])) AS f(task_id, lease_token, result)
+), held AS (
+    SELECT t.id, t.claim_snapshot, f.result
+    FROM tasks AS t
+    JOIN finishing AS f ON t.id = f.task_id AND t.lease_token = f.lease_token
+    ORDER BY t.id
+    FOR UPDATE OF t
 ), seen AS (
     UPDATE conversations AS c
     SET status = 'processed', processed_at = now(), updated_at = now()
@@ -28,9 +35,11 @@ WITH held AS (
       AND c.revision = CAST(held.claim_snapshot ->> CAST(c.id AS text) AS integer)
     RETURNING c.id
 ), unseen AS (
-    SELECT count(*) AS n
-    FROM conversations AS c, held
-    WHERE c.task_id = held.id AND c.status = 'active' AND c.id NOT IN (SELECT id FROM seen)
+    SELECT held.id, count(c.id) AS n
+    FROM held
+    LEFT JOIN conversations AS c
+           ON c.task_id = held.id AND c.status = 'active' AND c.id NOT IN (SELECT id FROM seen)
+    GROUP BY held.id
 ), done AS (
     UPDATE tasks AS t
     SET status = CASE WHEN unseen.n = 0 THEN 'completed' ELSE 'pending' END,
@@ -38,19 +47,19 @@ WITH held AS (
         attempts = CASE WHEN unseen.n = 0 THEN t.attempts ELSE greatest(t.attempts - 1, 0) END,
         run_after = CASE WHEN unseen.n = 0 THEN t.run_after ELSE now() END,
         processing_instance_id = CASE WHEN unseen.n = 0 THEN t.processing_instance_id END,
-        result = CAST(:result AS jsonb),
+        result = CAST(held.result AS jsonb),
         updated_at = now(),
         lease_token = NULL,
         lease_expires_at = NULL
     FROM held, unseen
-    WHERE t.id = held.id
+    WHERE t.id = held.id AND unseen.id = held.id
     RETURNING t.id, t.status, t.run_after
 ), completion AS (
-    SELECT status,
+    SELECT id, status,
            taskapp_publish(CASE WHEN status = 'completed' THEN 'task.completed'
                                 ELSE 'task.updated' END,
                            id, status, :instance_id, NULL,
-                           CASE WHEN status = 'pending' THEN run_after END)
+                           CASE WHEN status = 'pending' THEN run_after END) AS notified
     FROM done
 ), next AS (
     SELECT id
@@ -75,8 +84,8 @@ WITH held AS (
     RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token,
               t.timeout_seconds
 )
-SELECT (SELECT count(*) FROM completion) AS completed,
-       (SELECT status FROM completion) AS finished_status,
+SELECT (SELECT coalesce(json_agg(json_build_object('id', id, 'status', status)), '[]')
+        FROM completion) AS finished,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
        c.timeout_seconds,
        (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),

@@ -1,0 +1,228 @@
+"""The dispatcher of an instance: the one thread that claims tasks and writes completions.
+
+Work threads no longer claim for themselves. The dispatcher claims as many tasks as the
+instance has free work slots, in one statement, and hands each to a waiting work thread;
+completions come back to it and are written many at a time, each fenced by its own lease
+token, in the same statement that claims the next tasks for the slots they free. A
+completion waits at most for the statement in flight (about a millisecond): the dispatcher
+writes as soon as one arrives, and whatever arrives meanwhile goes into the next batch. So
+one round trip serves a whole batch at high load, and a single task at low load.
+
+An idle dispatcher sleeps until woken (LISTEN/NOTIFY, via wake()), until the next scheduled
+task is due, or for at most POLL_INTERVAL_SECONDS: one statement per poll per instance,
+whatever WORKER_CONCURRENCY is. Failures, deferrals and checkpoints are rare or belong to the
+attempt: the work threads write those themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from . import queue
+from .attempt import short_error
+from .config import Settings
+from .database import Database
+from .queue import Claim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished attempt waiting to be written: its claim, its result (JSON text or None)
+    and how long the processor took."""
+
+    claim: Claim
+    result: str | None
+    duration: float
+
+
+class Dispatcher:
+    """Claims for free slots and writes completions in batches; start() and stop() once.
+
+    `claimed(claims)` is called with each batch of new claims (the worker holds them and
+    hands them to work threads); `finished(completion, outcome)` once per written completion
+    (outcome None: it could not be written, and its lease will run out); `refused(completion,
+    error)` for a result PostgreSQL would not store."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        settings: Settings,
+        instance_id: str,
+        slots: int,
+        claimed: Callable[[list[Claim]], None],
+        finished: Callable[[Completion, queue.Outcome | None], None],
+        refused: Callable[[Completion, Exception], None],
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        self.instance_id = instance_id
+        self._claimed = claimed
+        self._finished = finished
+        self._refused = refused
+        self._cond = threading.Condition()
+        self._free = slots
+        self._completions: list[Completion] = []
+        # True when a claim may find something: set by wake() and by a poll, cleared when a
+        # claim finds fewer tasks than it asked for.
+        self._maybe_ready = True
+        self._generation = 0
+        self._claiming = True
+        self._done = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="taskapp-dispatcher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A task may be claimable now."""
+        with self._cond:
+            self._generation += 1
+            self._maybe_ready = True
+            self._cond.notify()
+
+    def slot_freed(self, count: int = 1) -> None:
+        """A work thread is free for another task (or a new one replaced an abandoned one)."""
+        with self._cond:
+            self._free += count
+            self._cond.notify()
+
+    def complete(self, completion: Completion) -> None:
+        """Write this completion soon (with the next batch)."""
+        with self._cond:
+            self._completions.append(completion)
+            self._cond.notify()
+
+    def stop_claiming(self) -> None:
+        with self._cond:
+            self._claiming = False
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write the completions still waiting, then end the thread."""
+        with self._cond:
+            self._claiming = False
+            self._done = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        failing_since: float | None = None
+        delay = 0.0
+        while True:
+            batch, limit, generation = self._next_round()
+            if batch is None:
+                return
+            if not batch and not limit:
+                continue
+            try:
+                outcomes, claims = queue.complete_and_claim_many(
+                    self.database,
+                    [(c.claim, c.result) for c in batch],
+                    instance_id=self.instance_id,
+                    limit=limit,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+            except psycopg.DataError:
+                # One result PostgreSQL won't store spoils the batch: write them one by one.
+                self._one_by_one(batch)
+                continue
+            except Exception as exc:
+                failing_since = failing_since or time.monotonic()
+                delay = min(2.0, delay * 2 if delay else 0.1)
+                self._after_failure(batch, exc, failing_since, delay)
+                continue
+            failing_since, delay = None, 0.0
+            with self._cond:
+                self._free -= len(claims)
+                if len(claims) < limit and generation == self._generation:
+                    self._maybe_ready = False
+            if claims:
+                self._claimed(claims)
+            for completion, outcome in zip(batch, outcomes, strict=True):
+                self._finished(completion, outcome)
+
+    def _next_round(self) -> tuple[list[Completion] | None, int, int]:
+        """Wait for something to do; return the completions to write, how many tasks to
+        claim, and the wake-up generation seen (None: the dispatcher is done)."""
+        with self._cond:
+            while True:
+                claim = self._claiming and self._free > 0 and self._maybe_ready
+                if self._completions or claim:
+                    batch, self._completions = self._completions, []
+                    limit = self._free if self._claiming and self._free > 0 else 0
+                    return batch, limit, self._generation
+                if self._done:
+                    return None, 0, self._generation
+                timeout = self.settings.poll_interval_seconds
+                if self._claiming and self._free > 0:
+                    # Idle with free slots: sleep until the next scheduled task is due.
+                    self._cond.release()
+                    try:
+                        due = queue.seconds_until_next_due(self.database)
+                    except Exception:
+                        due = None
+                    finally:
+                        self._cond.acquire()
+                    if due is not None:
+                        timeout = min(timeout, due)
+                    if self._completions or self._maybe_ready or self._done:
+                        continue
+                if not self._cond.wait(timeout):
+                    self._maybe_ready = True  # a poll: tasks may have come without a wake-up
+
+    def _one_by_one(self, batch: list[Completion]) -> None:
+        for completion in batch:
+            try:
+                (outcome,), _ = queue.complete_and_claim_many(
+                    self.database,
+                    [(completion.claim, completion.result)],
+                    instance_id=self.instance_id,
+                    limit=0,
+                    lease_seconds=0,
+                )
+            except psycopg.DataError as exc:
+                self._refused(completion, exc)
+            except Exception:
+                with self._cond:
+                    self._completions.append(completion)  # the next round tries again
+            else:
+                self._finished(completion, outcome)
+
+    def _after_failure(
+        self, batch: list[Completion], exc: Exception, failing_since: float, delay: float
+    ) -> None:
+        """Keep the batch for the next round (claiming nothing while the database fails:
+        a claim whose answer was lost is taken back when its lease runs out), until it has
+        failed for longer than the leases would last anyway."""
+        give_up = time.monotonic() - failing_since > max(self.settings.lease_seconds * 2, 30.0)
+        if give_up:
+            log.error(
+                "could not record %d result(s) (%s); their leases will run out and they will "
+                "run again",
+                len(batch),
+                short_error(exc),
+            )
+            for completion in batch:
+                self._finished(completion, None)
+        else:
+            if delay <= 0.1:
+                log.warning(
+                    "could not record %d result(s) yet (%s); retrying", len(batch), short_error(exc)
+                )
+            with self._cond:
+                self._completions[:0] = batch
+                self._maybe_ready = False
+        time.sleep(delay)
