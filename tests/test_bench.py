@@ -5,7 +5,8 @@ drains or finds what it measures after a change elsewhere (the growth script onc
 queue statement that a refactoring had removed). Needs wrk, which ./test.sh installs when
 missing; without it the test fails, saying so. bench/peers.py has a test of its own: it needs
 its peers installed from the package index, and is skipped, saying why, when that can't be
-reached.
+reached. bench/live_output.py has one too, a few seconds long, that checks every chunk arrived
+in order.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def test_every_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> 
         "BENCH_PG_URL": server_url,
         "BENCH_RESULTS_DIR": str(tmp_path),
         "PYTHON": sys.executable,
-        "BENCH_SKIP": "peers",  # test_peers_benchmark_runs_in_quick_mode
+        # Each has a test of its own below.
+        "BENCH_SKIP": "peers live_output",
     }
     done = subprocess.run(
         [str(ROOT / "bench" / "run_all.sh"), "--quick"],
@@ -96,3 +98,23 @@ def test_peers_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> 
     assert "### Peers: drain of" in done.stdout, done.stdout[-3000:]
     for row in ("taskapp, 2 instances", "PgQueuer ", "procrastinate ", "pgbench_claim.sql"):
         assert row in done.stdout, (row, done.stdout[-3000:])
+
+
+def test_the_live_output_bench_runs_in_quick_mode(server_url: str) -> None:
+    """bench/live_output.py alone (a few seconds): every chunk from A reaches B's stream."""
+    env = {**os.environ, "BENCH_PG_URL": server_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.live_output", "--quick", "--timeout", "120"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### Live output, 50 chunks" in done.stdout, done.stdout
+    rows = [line for line in done.stdout.splitlines() if "A emit ->" in line]
+    assert len(rows) == 4, done.stdout
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[1:3] == ["50/50", "yes"], line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -317,4 +318,146 @@ def test_a_tasks_page_shows_its_result_and_its_conversations_results(browser, in
     # Content and results are text, never markup.
     assert browser.find_elements("css selector", "#conversations b") == []
     assert "<b>I love it</b>" in browser.find_element("id", "conversations").text
+    assert console_errors(browser) == []
+
+
+LIVE_PROCESSOR = "tests.processors.live:emit_slowly"
+
+
+def task_status(driver: Any) -> str | None:
+    return js(driver, "return document.body.dataset.taskStatus || null")
+
+
+def live_outputs(driver: Any) -> list[str | None]:
+    """Each conversation's live output on the page (its current attempt's), in list order."""
+    return js(
+        driver,
+        "return [...document.querySelectorAll('#conversations > li')].map((li) => {"
+        "  const block = li.querySelector('.live-output-text:not(.earlier)');"
+        "  return block ? block.textContent : null; });",
+    )
+
+
+def progress_shown(driver: Any) -> dict[str, Any]:
+    return js(
+        driver,
+        "const box = document.getElementById('task-progress');"
+        "const count = box.querySelector('.progress-count');"
+        "const bar = box.querySelector('[role=progressbar]');"
+        "const message = box.querySelector('.progress-message');"
+        "return {text: box.textContent, count: count ? count.textContent : null,"
+        "  now: bar ? bar.getAttribute('aria-valuenow') : null,"
+        "  max: bar ? bar.getAttribute('aria-valuemax') : null,"
+        "  message: message ? message.textContent : null};",
+    )
+
+
+def field(driver: Any, name: str) -> str:
+    return js(
+        driver,
+        "const dt = [...document.querySelectorAll('#task-fields dt')]"
+        "  .find((d) => d.textContent === arguments[0]);"
+        "return dt ? dt.nextElementSibling.textContent : null;",
+        name,
+    )
+
+
+def test_a_running_tasks_page_shows_its_progress_and_live_output(browser, instances):
+    # A serves the page and its event stream and processes nothing; B, started once the page
+    # watches, runs the processor: every chunk crosses instances through PostgreSQL.
+    a = instances(WORKER_ENABLED=0)
+    contents = ["<b>alpha</b> & co", "beta"]
+    body = {"title": "live", "conversations": [{"content": c} for c in contents]}
+    task = requests.post(f"{a.url}/tasks/", json=body, timeout=10).json()
+    ids = [c["id"] for c in task["conversations"]]
+
+    browser.get(f"{a.url}/dashboard/tasks/{task['id']}")
+    until(browser, lambda: connection_mode(browser) == "live", what="the event stream to open")
+    until(browser, lambda: task_status(browser) == "pending", what="the task pending")
+    js(browser, "window.notReloaded = true")
+    assert progress_shown(browser)["text"] == "No progress reported."
+    assert field(browser, "Timeout") == "default"
+    assert field(browser, "Deferrals") == "0"
+    assert live_outputs(browser) == [None, None]
+    note = browser.find_element("id", "live-output-note").text
+    assert "not stored" in note and "only while this page watches" in note
+
+    instances(TASK_PROCESSOR=LIVE_PROCESSOR, TEST_PROCESSOR_SECONDS=0.3)
+
+    # While it runs: part of the first conversation's output, and a progress short of 10.
+    def running_with_output() -> bool:
+        first = live_outputs(browser)[0]
+        return task_status(browser) == "processing" and first is not None and "#1; " in first
+
+    until(browser, running_with_output, what="live output while the task is processing")
+    seen = progress_shown(browser)
+    assert seen["max"] == "10" and seen["count"] == f"{seen['now']} / 10", seen
+    assert 1 <= int(seen["now"]) < 10, seen
+    assert seen["message"].startswith(f"conversation {ids[0]}: chunk "), seen
+    partial = live_outputs(browser)[0]
+    expected_first = "".join(f"{contents[0]} #{k}; " for k in range(5))
+    assert expected_first.startswith(partial) and partial != expected_first, partial
+    # A processing task can be cancelled now.
+    assert not browser.find_element("id", "cancel-button").get_property("disabled")
+    assert browser.find_element("id", "retry-button").get_property("disabled")
+
+    until(browser, lambda: task_status(browser) == "completed", what="the task completed")
+    # Every chunk, in order, as text: the content's markup stayed text.
+    assert live_outputs(browser) == [
+        expected_first,
+        "".join(f"beta #{k}; " for k in range(5)),
+    ]
+    assert browser.find_elements("css selector", "#conversations b") == []
+    until(
+        browser,
+        lambda: progress_shown(browser)["count"] == "10 / 10",
+        what="the last progress report",
+    )
+    assert progress_shown(browser)["message"] == f"conversation {ids[1]}: chunk 5"
+    result = browser.find_element("id", "task-result").text
+    assert '"chunks": 10' in result and '"conversations": 2' in result, result
+    shown = [e.text for e in browser.find_elements("css selector", ".conversation-result")]
+    assert shown == ['{"chunks":5}', '{"chunks":5}'], shown
+    assert js(browser, "return window.notReloaded") is True
+    assert console_errors(browser) == []
+
+    # Live output is not stored: a fresh page has the progress (stored) but no output.
+    browser.refresh()
+    until(browser, lambda: task_status(browser) == "completed", what="the reloaded page")
+    until(browser, lambda: progress_shown(browser)["count"] == "10 / 10", what="the progress")
+    assert live_outputs(browser) == [None, None]
+    assert browser.find_elements("css selector", ".live-output") == []
+
+
+def test_a_processing_task_is_cancelled_from_its_page(browser, instances):
+    a = instances(TASK_PROCESSOR=LIVE_PROCESSOR, TEST_PROCESSOR_SECONDS=1)
+    # Scheduled a little later, so the page watches before it starts.
+    due = (datetime.now().astimezone() + timedelta(seconds=2)).isoformat()
+    body = {"title": "to cancel", "scheduled_for": due, "conversations": [{"content": "slow"}]}
+    task = requests.post(f"{a.url}/tasks/", json=body, timeout=10).json()
+
+    browser.get(f"{a.url}/dashboard/tasks/{task['id']}")
+    until(browser, lambda: connection_mode(browser) == "live", what="the event stream to open")
+    until(
+        browser,
+        lambda: task_status(browser) == "processing" and live_outputs(browser)[0] == "slow #0; ",
+        timeout=20,
+        what="the first chunk of a processing task",
+    )
+    assert "Cancel stops its processor" in browser.find_element("id", "action-hint").text
+    browser.find_element("id", "cancel-button").click()
+    until(
+        browser,
+        lambda: browser.find_element("id", "action-result").text == "Cancelled.",
+        what="the cancel to be confirmed",
+    )
+    until(browser, lambda: task_status(browser) == "cancelled", what="the task cancelled")
+    assert not browser.find_element("id", "retry-button").get_property("disabled")
+
+    # The processor stopped: no more output, and nothing of its run was recorded.
+    time.sleep(2.5)
+    assert live_outputs(browser)[0] in ("slow #0; ", "slow #0; slow #1; ")
+    stored = requests.get(f"{a.url}/tasks/{task['id']}", timeout=10).json()
+    assert stored["status"] == "cancelled" and stored["result"] is None, stored
+    assert stored["conversations"][0]["status"] == "active", stored
     assert console_errors(browser) == []

@@ -423,7 +423,8 @@
         if (event.type === "task.completed" || event.type === "task.failed") {
           throughput.addEvent(event);
         }
-        if (event.type.startsWith("task.")) {
+        // A progress report changes no count and nothing the table shows.
+        if (event.type.startsWith("task.") && event.type !== "task.progress") {
           refreshCounts();
           refreshTasks();
         }
@@ -907,6 +908,123 @@
 
   const RETRYABLE = new Set(VOCABULARY.actions.retry);
   const CANCELLABLE = new Set(VOCABULARY.actions.cancel);
+  // Live output kept on the page per conversation (the oldest is dropped beyond this), and how
+  // many chunks may wait for a missing earlier one before the gap is given up on.
+  const OUTPUT_MAX_CHARACTERS = 200000;
+  const OUTPUT_MAX_WAITING = 100;
+
+  /** The processor's last progress report: "3 / 10" with a bar, its message and its time. */
+  function progressElements(progress) {
+    if (!progress) return ["No progress reported."];
+    const { done, total, message, at } = progress;
+    const parts = [];
+    if (total === null || total === undefined) {
+      parts.push(el("span", { className: "progress-count" }, `${done} done`));
+    } else {
+      const percent = total > 0 ? Math.min(100, (100 * done) / total) : done > 0 ? 100 : 0;
+      const fill = el("span", { className: "progress-fill" });
+      fill.style.width = `${percent}%`;
+      parts.push(
+        el(
+          "span",
+          {
+            className: "progress-bar",
+            role: "progressbar",
+            "aria-label": "Progress",
+            "aria-valuemin": 0,
+            "aria-valuemax": total,
+            "aria-valuenow": Math.min(done, Math.max(total, 0)),
+          },
+          fill,
+        ),
+        el("span", { className: "progress-count" }, `${done} / ${total}`),
+      );
+    }
+    parts.push(el("span", { className: "progress-at subtle" }, "reported ", timeElement(at)));
+    const line = el("div", { className: "progress-line" }, ...parts);
+    return message ? [line, el("p", { className: "progress-message" }, message)] : [line];
+  }
+
+  /**
+   * One conversation's live output (conversation.output events), as text, in `seq` order.
+   * Chunks are numbered from 0 per attempt: a 0 after others starts a new attempt's block, and
+   * the blocks of earlier attempts stay above it. Nothing of it is stored anywhere: it lives
+   * as long as the page.
+   */
+  class LiveOutput {
+    constructor(conversationId) {
+      this.node = el(
+        "div",
+        { className: "live-output", dataset: { conversationId } },
+        el("p", { className: "live-output-label" }, "live output"),
+      );
+      this.block = null; // the current attempt's <pre>
+      this.next = 0; // the seq to append next
+      this.waiting = new Map(); // seq -> text, arrived before an earlier one
+      this.characters = 0;
+      this.mayHaveMissed = false; // the stream reopened: what it missed won't come
+    }
+
+    add(seq, text) {
+      if (!Number.isInteger(seq) || seq < 0 || typeof text !== "string") return;
+      if (this.block === null || (seq === 0 && this.next > 0)) this.startBlock();
+      if (seq < this.next || this.waiting.has(seq)) return; // a repeat
+      if (seq > this.next && this.waiting.size === 0) {
+        // Chunks come in order on one stream: a later one first means the earlier ones were
+        // sent before this page watched, or while its stream was down. They won't come.
+        if (!this.block.firstChild) this.skipTo(seq, "output sent before this page watched");
+        else if (this.mayHaveMissed) this.skipTo(seq, "output missed while the stream was down");
+      }
+      this.mayHaveMissed = false;
+      this.waiting.set(seq, text);
+      this.flush();
+      if (this.waiting.size > OUTPUT_MAX_WAITING) {
+        this.skipTo(Math.min(...this.waiting.keys()), "output missed here");
+        this.flush();
+      }
+    }
+
+    startBlock() {
+      if (this.block !== null) {
+        this.block.classList.add("earlier");
+        this.block.title = "an earlier attempt's output";
+      }
+      this.block = el("pre", { className: "live-output-text" });
+      this.node.append(this.block);
+      this.next = 0;
+      this.waiting.clear();
+    }
+
+    flush() {
+      const follow = this.block.scrollHeight - this.block.scrollTop - this.block.clientHeight < 4;
+      while (this.waiting.has(this.next)) {
+        const text = this.waiting.get(this.next);
+        this.waiting.delete(this.next);
+        this.block.append(document.createTextNode(text));
+        this.characters += text.length;
+        this.next += 1;
+      }
+      this.trim();
+      if (follow) this.block.scrollTop = this.block.scrollHeight;
+    }
+
+    /** Give up on the chunks before `seq`: mark the gap, saying why on hover. */
+    skipTo(seq, why) {
+      this.block.append(el("span", { className: "output-gap", title: why }, "… "));
+      this.next = seq;
+    }
+
+    trim() {
+      while (this.characters > OUTPUT_MAX_CHARACTERS) {
+        const first = this.node.querySelector(".live-output-text");
+        const node = first && first.firstChild;
+        if (!node) break;
+        if (node.nodeType === Node.TEXT_NODE) this.characters -= node.textContent.length;
+        node.remove();
+        if (!first.firstChild && first !== this.block) first.remove();
+      }
+    }
+  }
 
   function taskPage() {
     const taskId = Number(body.dataset.taskId);
@@ -921,9 +1039,56 @@
     const cancel = document.getElementById("cancel-button");
     const hint = document.getElementById("action-hint");
     const actionResult = document.getElementById("action-result");
+    const progressBox = document.getElementById("task-progress");
+    const outputs = new Map(); // conversation id -> LiveOutput
     let gone = false;
+    let progress = null; // the report shown
+    let progressEventAt = -Infinity; // performance.now() when an event last set it
 
-    function render(task) {
+    function showProgress(report) {
+      progress = report || null;
+      progressBox.replaceChildren(...progressElements(progress));
+      progressBox.classList.toggle("subtle", !progress);
+    }
+
+    /**
+     * The task's `progress` from a read started at `readAt` (performance.now()). A
+     * task.progress event that arrived after the read started may be newer than what it
+     * returned: the older of the two is not shown.
+     */
+    function takeProgress(report, readAt) {
+      const newer = report && progress && Date.parse(report.at) >= Date.parse(progress.at);
+      if (readAt > progressEventAt || newer) showProgress(report);
+    }
+
+    function outputFor(conversationId) {
+      let output = outputs.get(conversationId);
+      if (!output) {
+        output = new LiveOutput(conversationId);
+        outputs.set(conversationId, output);
+        const item = [...conversations.children].find(
+          (li) => li.dataset.conversationId === String(conversationId),
+        );
+        if (item) item.append(output.node);
+      }
+      return output;
+    }
+
+    function onEvent(event) {
+      if (event.task_id !== taskId) return;
+      if (event.type === "conversation.output") {
+        if (event.output) outputFor(event.conversation_id).add(event.output.seq, event.output.text);
+        return; // not stored: nothing to read again
+      }
+      if (event.type === "task.progress") {
+        progressEventAt = performance.now();
+        showProgress(event.progress);
+        return; // the report is in the event
+      }
+      refresh();
+    }
+
+    function render(task, readAt) {
       document.title = `Task ${task.id}: ${task.title} · taskapp`;
       title.textContent = task.title;
       status.className = `badge status-${task.status}`;
@@ -932,14 +1097,24 @@
 
       retry.disabled = !RETRYABLE.has(task.status);
       cancel.disabled = !CANCELLABLE.has(task.status);
-      hint.textContent =
-        retry.disabled && cancel.disabled
-          ? "A processing task can be neither retried nor cancelled until it finishes."
-          : "";
+      if (retry.disabled && cancel.disabled) {
+        hint.textContent = `A ${task.status} task can be neither retried nor cancelled.`;
+      } else if (!cancel.disabled && task.status === "processing") {
+        hint.textContent = "Cancel stops its processor; the conversations it checkpointed stay processed.";
+      } else {
+        hint.textContent = "";
+      }
 
       const rows = [
         ["Priority", task.priority],
         ["Attempts", `${task.attempts} of ${task.max_attempts}`],
+        [
+          "Timeout",
+          task.timeout_seconds === null || task.timeout_seconds === undefined
+            ? el("span", { className: "subtle", title: "the service's TASK_TIMEOUT_SECONDS" }, "default")
+            : `${task.timeout_seconds} s`,
+        ],
+        ["Deferrals", task.deferrals ?? 0],
         ["Instance", instanceElement(task.processing_instance_id)],
         ["Not before", timeElement(task.scheduled_for)],
         ["Created", timeElement(task.created_at)],
@@ -955,12 +1130,13 @@
       // The processor's return value, as JSON text (never markup).
       result.textContent = task.result === null ? "No result." : JSON.stringify(task.result, null, 2);
       result.classList.toggle("subtle", task.result === null);
+      takeProgress(task.progress, readAt);
 
       conversations.replaceChildren(
         ...task.conversations.map((c) =>
           el(
             "li",
-            {},
+            { dataset: { conversationId: c.id } },
             el("p", { className: "conversation-content" }, c.content),
             el(
               "p",
@@ -971,6 +1147,7 @@
               timeElement(c.processed_at || c.updated_at),
             ),
             c.result === null ? null : el("pre", { className: "result conversation-result" }, JSON.stringify(c.result)),
+            outputs.has(c.id) ? outputs.get(c.id).node : null,
           ),
         ),
       );
@@ -995,9 +1172,10 @@
     async function load() {
       if (gone) return;
       try {
+        const readAt = performance.now();
         const { data } = await api(`/tasks/${taskId}`);
         showNotice("");
-        render(data);
+        render(data, readAt);
       } catch (error) {
         if (error instanceof ApiError && error.status === 404) {
           gone = true;
@@ -1023,10 +1201,11 @@
       actionResult.className = "form-result";
       actionResult.textContent = `${button.textContent}…`;
       try {
+        const readAt = performance.now();
         const { data } = await api(`/tasks/${taskId}/${action}`, { method: "POST" });
         actionResult.classList.add("ok");
         actionResult.textContent = action === "retry" ? "Sent back to the queue." : "Cancelled.";
-        render(data);
+        render(data, readAt);
       } catch (error) {
         actionResult.classList.add("error");
         actionResult.textContent = error instanceof ApiError ? error.message : String(error);
@@ -1039,9 +1218,13 @@
 
     const refresh = coalesce(load, 200);
     const feed = new LiveFeed(`/events?task_id=${taskId}`, {
-      onEvent: () => refresh(),
+      onEvent,
       poll: () => refresh(),
-      resync: () => refresh(),
+      resync: () => {
+        // Chunks sent while the stream was down are not coming: don't wait for them.
+        for (const output of outputs.values()) output.mayHaveMissed = true;
+        refresh();
+      },
     });
     refresh.now();
     feed.start();
