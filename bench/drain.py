@@ -3,12 +3,13 @@
     python -m bench.drain [--quick] [--tasks 20000] [--concurrency N]
 
 Each instance is one gunicorn process (`gunicorn -c gunicorn.conf.py wsgi:app`) with the
-instant processor (PROCESSING_MIN/MAX_SECONDS=0) and WORKER_CONCURRENCY worker threads (from
---concurrency, default: $WORKER_CONCURRENCY or 1). The instances start on an empty queue; the
-tasks (2 conversations each) are inserted in one transaction that notifies `taskapp_wakeup`, and
-the clock runs from that commit until every task is `completed`. The baseline, bench/raw_loop.py,
-drains the same load with the same number of processes; each taskapp run follows its baseline
-directly, so the pair sees the same machine. Target: 2 instances ≥ 0.6 x raw loop, 2 processes.
+instant processor (PROCESSING_MIN/MAX_SECONDS=0) and WORKER_CONCURRENCY work slots (from
+--concurrency, default: $WORKER_CONCURRENCY or 32, so the dispatcher can batch). The instances
+start on an empty queue; the tasks (2 conversations each) are inserted in one transaction that
+notifies `taskapp_wakeup`, and the clock runs from that commit until every task is `completed`.
+The baseline, bench/raw_loop.py, drains the same load with the same number of processes; each
+taskapp run follows its baseline directly, so the pair sees the same machine. Target: 2
+instances ≥ 0.6 x raw loop, 2 processes.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def add_drain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--concurrency",
         type=int,
-        default=int(os.environ.get("WORKER_CONCURRENCY") or 1),
-        help="WORKER_CONCURRENCY of each instance (default: $WORKER_CONCURRENCY or 1)",
+        default=int(os.environ.get("WORKER_CONCURRENCY") or 32),
+        help="WORKER_CONCURRENCY of each instance (default: $WORKER_CONCURRENCY or 32)",
     )
     p.add_argument("--drain-timeout", type=float, default=600, help="seconds allowed per drain")
 

@@ -1,6 +1,6 @@
 """Hundreds in flight: 1-second tasks at WORKER_CONCURRENCY 16, 64 and 200 on 2 instances.
 
-    python -m bench.inflight [--quick] [--waves 8] [--concurrency 16,64,200]
+    python -m bench.inflight [--quick] [--waves 16] [--concurrency 16,64,200]
 
 Each instance runs the built-in processor taking exactly 1 s (PROCESSING_MIN/MAX_SECONDS=1)
 with the default settings apart from WORKER_CONCURRENCY, against one database. For each
@@ -233,6 +233,6 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=900)
-    p.add_argument("--waves", type=int, default=8, help="seconds of work per slot (default 8)")
+    p.add_argument("--waves", type=int, default=16, help="seconds of work per slot (default 16)")
     p.add_argument("--concurrency", default="16,64,200", help="comma-separated levels")
     main(run, p.parse_args())
