@@ -14,7 +14,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     It never starts a background worker: gunicorn's post_fork hook does that (see
     taskapp.runtime), so `flask` commands and tests get a plain app.
     """
-    from . import api, auth, errors, logs, metrics, openapi
+    from . import api, auth, errors, headers, logs, metrics, openapi
     from .database import init_database
 
     settings = settings or Settings.from_env()
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_database(app)
     errors.init_app(app)
     auth.init_app(app)
+    headers.init_app(app)
     metrics.init_app(app)
     api.init_app(app)
     openapi.init_app(app)

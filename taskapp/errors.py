@@ -45,6 +45,10 @@ class Unauthorized(ApiError):
     status = 401
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+
+
 class NotFound(ApiError):
     status = 404
 

@@ -139,14 +139,26 @@ def _start_timer() -> None:
     request.environ[_STARTED] = time.perf_counter()
 
 
+# The label values a request can produce: anything else is "other", so no request, however
+# odd its method or status, can add a series (each costs memory in every process and bytes in
+# every scrape).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+
+
+def _status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else OTHER
+
+
 def _observe(response: Response) -> Response:
     started: float | None = request.environ.get(_STARTED)
     # The URL rule, not the path, keeps the label set small (/tasks/<id>, not every id).
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    method, status = request.method, response.status_code
+    method = request.method if request.method in KNOWN_METHODS else OTHER
+    status = response.status_code
     counter = _request_counters.get((method, endpoint, status))
     if counter is None:
-        counter = HTTP_REQUESTS.labels(method, endpoint, str(status))
+        counter = HTTP_REQUESTS.labels(method, endpoint, _status_label(status))
         _request_counters[(method, endpoint, status)] = counter
     counter.inc()
     if started is not None:

@@ -59,6 +59,7 @@ ERROR_RESPONSES: dict[str, tuple[str, str]] = {
     "404": ("Problem", "No such resource (ids are integers from 1 to 2^63-1)."),
     "409": ("Problem", "The task's current state forbids this change."),
     "413": ("Problem", "The body is over the size limit (1 MiB by default)."),
+    "415": ("Problem", "A body sent as something other than JSON (`Content-Type`)."),
     "422": ("ValidationProblem", "Invalid input; `errors` names each bad field."),
     "500": ("Problem", "An unexpected error (logged; no details are returned)."),
     "503": ("Problem", "The database cannot be reached (or, for streams, too many are open)."),
@@ -133,7 +134,7 @@ _CONVERSATION_LINKS = {
     },
 }
 
-BODY_ERRORS = ("400", "413", "422")
+BODY_ERRORS = ("400", "413", "415", "422")
 
 PATHS: dict[str, dict[str, Any]] = {
     "/tasks/": {
@@ -205,7 +206,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Delete a task and its conversations",
             "description": "A processor running the task is told to stop (its cancellation "
             "flag is set) and nothing its attempt writes afterwards is recorded.",
-            "responses": _responses({"204": {"description": "Deleted."}}, "404"),
+            "responses": _responses({"204": {"description": "Deleted."}}, "404", "415"),
         },
     },
     "/tasks/{task_id}/retry": {
@@ -216,7 +217,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Send a failed, cancelled or completed task back to pending",
             "description": "Attempts start again from 0; `last_error` and the error history stay.",
             "responses": _responses(
-                {"200": _ok("TaskOut", "The task, now pending.")}, "404", "409"
+                {"200": _ok("TaskOut", "The task, now pending.")}, "404", "409", "415"
             ),
         },
     },
@@ -230,7 +231,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "late result is dropped, and the processor, on whichever instance runs it, sees "
             "its cancellation flag set within a second. Checkpoints it made stay.",
             "responses": _responses(
-                {"200": _ok("TaskOut", "The task, now cancelled.")}, "404", "409"
+                {"200": _ok("TaskOut", "The task, now cancelled.")}, "404", "409", "415"
             ),
         },
     },

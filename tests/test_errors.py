@@ -84,10 +84,15 @@ def test_errors_through_gunicorn(instances: Callable[..., Instance]) -> None:
     assert too_big.status_code == 413
     assert too_big.headers["Content-Type"] == PROBLEM
     # Cut at the limit, this body would still be valid JSON: it must be refused all the same.
+    as_json = {"Content-Type": "application/json"}
     padded = iter([b'{"title": "t"}', b" " * (2 * 1024 * 1024)])
-    assert requests.post(f"{url}/tasks/", data=padded, timeout=10).status_code == 413
+    assert (
+        requests.post(f"{url}/tasks/", data=padded, headers=as_json, timeout=10).status_code == 413
+    )
     small = iter([b'{"title": ', b'"chunked"}'])
-    assert requests.post(f"{url}/tasks/", data=small, timeout=10).status_code == 201
+    assert (
+        requests.post(f"{url}/tasks/", data=small, headers=as_json, timeout=10).status_code == 201
+    )
     for method, path, status in [
         ("GET", "/tasks/0", 404),
         ("GET", f"/tasks/{2**64}", 404),
@@ -98,6 +103,19 @@ def test_errors_through_gunicorn(instances: Callable[..., Instance]) -> None:
         assert response.status_code == status, (method, path)
         assert response.headers["Content-Type"] == PROBLEM
         assert response.json()["status"] == status
-    not_json = requests.post(f"{url}/tasks/", data="{", timeout=10)
+    not_json = requests.post(f"{url}/tasks/", data="{", headers=as_json, timeout=10)
     assert (not_json.status_code, not_json.headers["Content-Type"]) == (400, PROBLEM)
+    # Not sent as JSON (a cross-site form can only send these without a preflight): 415.
+    for body_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        for path in ("/tasks/", "/tasks/1/cancel"):
+            refused = requests.post(
+                f"{url}{path}",
+                data='{"title": "t"}',
+                headers={"Content-Type": body_type},
+                timeout=10,
+            )
+            assert (refused.status_code, refused.headers["Content-Type"]) == (415, PROBLEM), path
+            assert "Content-Type" in refused.json()["errors"]
+    no_type = requests.post(f"{url}/tasks/", data='{"title": "t"}', timeout=10)
+    assert no_type.status_code == 415
     assert requests.post(f"{url}/tasks", json={"title": "t"}, timeout=10).status_code == 201

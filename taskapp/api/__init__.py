@@ -6,7 +6,7 @@ from importlib import import_module
 
 from flask import Flask
 
-from .common import PositiveIdConverter
+from .common import PositiveIdConverter, refuse_foreign_bodies
 
 # One module per resource, each exposing `bp`. Add new ones here.
 BLUEPRINTS = [
@@ -23,6 +23,7 @@ def init_app(app: Flask) -> None:
     app.url_map.converters["id"] = PositiveIdConverter
     # `/tasks//1` must be a 404 like any other unknown path, not a redirect to `/tasks/1`.
     app.url_map.merge_slashes = False
+    app.before_request(refuse_foreign_bodies)
     for name in BLUEPRINTS:
         app.register_blueprint(import_module(name).bp)
     # The WebSocket route lives on the events blueprint; flask-sock needs its app hook too.

@@ -10,7 +10,7 @@ from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from ..config import Settings
-from ..errors import BadRequest
+from ..errors import BadRequest, UnsupportedMediaType
 from ..schemas import BIGINT_MAX
 
 
@@ -35,8 +35,30 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def refuse_foreign_bodies() -> None:
+    """before_request: a write that carries a body type other than JSON is a 415, whether or
+    not its route reads a body (a cross-site form can POST /tasks/1/cancel as text/plain)."""
+    if request.method in _WRITES and request.mimetype and not request.is_json:
+        raise UnsupportedMediaType(
+            "Send the body as JSON, with Content-Type: application/json.",
+            errors={"Content-Type": [f"Not JSON: {request.mimetype}."]},
+        )
+
+
 def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, whatever the Content-Type; else a 400."""
+    """The request body as a JSON object; a 415 unless it is sent as JSON, else a 400.
+
+    Requiring the JSON media type keeps other web pages out: a cross-site form or fetch can
+    only send text/plain, form or multipart bodies without asking the browser (CORS
+    preflight), and this service answers no preflight."""
+    if not request.is_json:
+        raise UnsupportedMediaType(
+            "Send the body as JSON, with Content-Type: application/json.",
+            errors={"Content-Type": [f"Not JSON: {request.mimetype or 'none given'}."]},
+        )
     raw = request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(raw) >= limit:

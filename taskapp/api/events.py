@@ -23,7 +23,7 @@ def _subscribe() -> Subscription:
     raw = request.args.get("task_id")
     task_id = None
     if raw is not None:
-        if not raw.isdigit() or not 0 < int(raw) < 2**63:
+        if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 2**63:
             raise ValidationError({"task_id": ["Not a valid task id."]})
         task_id = int(raw)
     if instance is None:

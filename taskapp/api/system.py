@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -12,6 +13,7 @@ from .. import metrics, queue, runtime
 from ..database import get_database
 
 bp = Blueprint("system", __name__)
+log = logging.getLogger(__name__)
 
 # An instance that has not beaten for this many lease-renewal rounds is presumed dead.
 STALE_AFTER_BEATS = 3
@@ -22,8 +24,9 @@ def health():
     try:
         get_database().fetch("ping")
     except psycopg.Error as exc:
-        body = {"status": "unhealthy", "database": "unreachable", "detail": str(exc).split("\n")[0]}
-        return jsonify(body), 503
+        # /health is public: the error (host, port, user) goes to the log, not to the client.
+        log.warning("health check: database unreachable (%s)", str(exc).split("\n")[0])
+        return jsonify({"status": "unhealthy", "database": "unreachable"}), 503
     return jsonify({"status": "healthy", "database": "ok"})
 
 

@@ -1,0 +1,126 @@
+"""Hostile and careless clients, in-process: what they send can't grow the metrics, can't be
+a 500, can't come from another web page, and learns nothing about the database's address.
+(The gunicorn-level cases, stalled streams and slow clients, are for tests on real instances.)"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from taskapp.config import Settings
+from taskapp.database import get_database
+from tests.api_helpers import assert_problem
+
+
+def metrics_text(client: FlaskClient) -> str:
+    return client.get("/metrics").get_data(as_text=True)
+
+
+def test_random_methods_add_no_metric_series(client: FlaskClient) -> None:
+    client.get("/health")
+    before = metrics_text(client)
+    for _ in range(300):
+        method = "".join(random.choices(string.ascii_uppercase, k=12))
+        client.open("/health", method=method)
+    after = metrics_text(client)
+    methods = set(re.findall(r'taskapp_http_requests_total\{[^}]*method="([^"]+)"', after))
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert "other" in methods
+    # 300 odd methods are one new series per metric, not 300.
+    assert len(after) - len(before) < 5_000
+
+
+@pytest.mark.parametrize("task_id", ["²", "①", "\uff11\uff12", "1_0", " 1", "-1", "0"])
+def test_a_task_id_in_a_stream_query_is_plain_digits_or_a_422(
+    client: FlaskClient, task_id: str
+) -> None:
+    body = assert_problem(client.get("/events", query_string={"task_id": task_id}), 422)
+    assert "task_id" in body["errors"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body_type"),
+    [
+        ("POST", "/tasks/", "text/plain"),
+        ("POST", "/tasks/", "application/x-www-form-urlencoded"),
+        ("POST", "/tasks/", "multipart/form-data; boundary=x"),
+        ("POST", "/tasks/1/cancel", "text/plain"),
+        ("POST", "/tasks/1/retry", "text/plain"),
+        ("DELETE", "/tasks/1", "text/plain"),
+        ("PUT", "/conversations/1", "text/plain"),
+    ],
+)
+def test_a_body_not_sent_as_json_is_a_415_and_changes_nothing(
+    client: FlaskClient, method: str, path: str, body_type: str
+) -> None:
+    created = client.post("/tasks/", json={"title": "kept", "conversations": [{"content": "c"}]})
+    assert created.status_code == 201
+    response = client.open(
+        path, method=method, data='{"title": "x", "content": "x"}', content_type=body_type
+    )
+    body = assert_problem(response, 415)
+    assert "Content-Type" in body["errors"]
+    task = client.get("/tasks/1").get_json()
+    assert (task["title"], task["status"], task["conversations"][0]["content"]) == (
+        "kept",
+        "pending",
+        "c",
+    )
+    assert client.get("/tasks/").headers["X-Total-Count"] == "1"
+
+
+def test_json_media_types_are_accepted(client: FlaskClient) -> None:
+    for body_type in ("application/json", "application/json; charset=utf-8", "application/x+json"):
+        response = client.post("/tasks/", data='{"title": "t"}', content_type=body_type)
+        assert response.status_code == 201, body_type
+    # No body and no Content-Type: an action is fine.
+    assert client.post("/tasks/1/cancel").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/tasks/", "/nowhere", "/dashboard/", "/apidocs/"])
+def test_every_response_has_the_security_headers(client: FlaskClient, path: str) -> None:
+    response = client.get(path)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_the_dashboard_has_a_csp_of_its_own_scripts(client: FlaskClient) -> None:
+    policy = client.get("/dashboard/").headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "nonce" not in policy
+
+
+def test_the_key_page_inline_code_carries_its_responses_nonce(settings: Settings) -> None:
+    from taskapp import create_app
+
+    app: Flask = create_app(settings.with_changes(api_keys=("k",)))
+    pages = [app.test_client().get("/dashboard/", headers={"Accept": "text/html"}) for _ in "ab"]
+    nonces = []
+    for page in pages:
+        assert page.status_code == 401
+        # One nonce, for both script-src and style-src.
+        (nonce,) = set(re.findall(r"'nonce-([^']+)'", page.headers["Content-Security-Policy"]))
+        html = page.get_data(as_text=True)
+        assert html.count(f'nonce="{nonce}"') == 2  # its <style> and its <script>
+        nonces.append(nonce)
+    assert nonces[0] != nonces[1]
+    get_database(app).close()
+
+
+def test_health_names_no_host_while_the_database_is_down() -> None:
+    from taskapp import create_app
+
+    unreachable = "postgresql://secret-user@db.internal.example:6543/taskdb?connect_timeout=1"
+    app = create_app(Settings(database_url=unreachable, auto_migrate=False).validated())
+    response = app.test_client().get("/health")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "unhealthy", "database": "unreachable"}
+    text = response.get_data(as_text=True)
+    assert "db.internal" not in text and "6543" not in text and "secret-user" not in text
+    get_database(app).close()
