@@ -4,9 +4,11 @@ a 500, can't come from another web page, and learns nothing about the database's
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
+import time
 
 import pytest
 from flask import Flask
@@ -124,3 +126,21 @@ def test_health_names_no_host_while_the_database_is_down() -> None:
     text = response.get_data(as_text=True)
     assert "db.internal" not in text and "6543" not in text and "secret-user" not in text
     get_database(app).close()
+
+
+def test_a_body_of_65000_conversations_is_refused_at_once_and_briefly(client: FlaskClient) -> None:
+    body = {"title": "t", "conversations": [{"content": ""}] * 65_000}
+    compact = json.dumps(body, separators=(",", ":"))  # just under 1 MiB, as the issue sent it
+    started = time.perf_counter()
+    response = client.post("/tasks/", data=compact, content_type="application/json")
+    elapsed = time.perf_counter() - started
+    problem = assert_problem(response, 422, "conversations")
+    assert "At most 1000 conversations" in problem["errors"]["conversations"][0]
+    assert len(response.get_data()) < 1000  # one message, not one per conversation
+    assert elapsed < 0.5  # (the issue's bar is 50 ms on gunicorn; the test client adds JSON work)
+    assert client.get("/tasks/").headers["X-Total-Count"] == "0"
+    # The limit itself is fine.
+    at_limit = client.post(
+        "/tasks/", json={"title": "t", "conversations": [{"content": "c"}] * 1000}
+    )
+    assert at_limit.status_code == 201
