@@ -20,6 +20,7 @@ import http.client
 import threading
 import time
 from dataclasses import dataclass
+from typing import Self
 from urllib.parse import urlsplit
 
 from bench.common import (
@@ -64,25 +65,35 @@ class Run:
         return self.tasks / self.seconds / self.ideal
 
 
-class Getter:
-    """GET /tasks/{id} in a loop on one keep-alive connection, recording each latency."""
+class Background:
+    """A loop on a thread of its own for the length of a `with` block (subclasses: _run)."""
 
-    def __init__(self, base_url: str, task_id: int) -> None:
-        parts = urlsplit(base_url)
-        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
-        self._path = f"/tasks/{task_id}"
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self.latencies_ms: list[float] = []
-        self.errors = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Getter:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Getter(Background):
+    """GET /tasks/{id} in a loop on one keep-alive connection, recording each latency."""
+
+    def __init__(self, base_url: str, task_id: int) -> None:
+        parts = urlsplit(base_url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._path = f"/tasks/{task_id}"
+        self.latencies_ms: list[float] = []
+        self.errors = 0
+        super().__init__()
 
     def _run(self) -> None:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=10)
@@ -107,22 +118,13 @@ class Getter:
         return percentile(self.latencies_ms, 50), percentile(self.latencies_ms, 99)
 
 
-class ConnectionSampler:
+class ConnectionSampler(Background):
     """The most connections to the database at any sample, every 50 ms."""
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._stop = threading.Event()
         self.most = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ConnectionSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__()
 
     def _run(self) -> None:
         with connect(self._url) as conn:

@@ -114,6 +114,12 @@ class AttemptWrites:
             raise self._lost("its output was not sent")
 
 
+def retry_writes_for(lease_seconds: float) -> float:
+    """How long a result is retried through database errors before giving up on it: past
+    that its lease has run out anyway, and the task runs again."""
+    return max(lease_seconds * 2, 30.0)
+
+
 class Backoff:
     """Growing pauses after database errors, so an outage is not hammered."""
 

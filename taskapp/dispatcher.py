@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import psycopg
 
 from . import queue
-from .attempt import short_error
+from .attempt import Backoff, retry_writes_for, short_error
 from .config import Settings
 from .database import Database
 from .queue import Claim
@@ -120,7 +120,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         failing_since: float | None = None
-        delay = 0.0
+        backoff = Backoff()
         while True:
             batch, limit, generation = self._next_round()
             if batch is None:
@@ -141,10 +141,11 @@ class Dispatcher:
                 continue
             except Exception as exc:
                 failing_since = failing_since or time.monotonic()
-                delay = min(2.0, delay * 2 if delay else 0.1)
-                self._after_failure(batch, exc, failing_since, delay)
+                self._after_failure(batch, exc, failing_since, first=not backoff.current)
+                time.sleep(backoff.next())
                 continue
-            failing_since, delay = None, 0.0
+            failing_since = None
+            backoff.reset()
             with self._cond:
                 self._free -= len(claims)
                 if len(claims) < limit and generation == self._generation:
@@ -186,12 +187,11 @@ class Dispatcher:
     def _one_by_one(self, batch: list[Completion]) -> None:
         for completion in batch:
             try:
-                (outcome,), _ = queue.complete_and_claim_many(
+                outcome = queue.complete(
                     self.database,
-                    [(completion.claim, completion.result)],
+                    completion.claim,
                     instance_id=self.instance_id,
-                    limit=0,
-                    lease_seconds=0,
+                    result=completion.result,
                 )
             except psycopg.DataError as exc:
                 self._refused(completion, exc)
@@ -202,12 +202,12 @@ class Dispatcher:
                 self._finished(completion, outcome)
 
     def _after_failure(
-        self, batch: list[Completion], exc: Exception, failing_since: float, delay: float
+        self, batch: list[Completion], exc: Exception, failing_since: float, *, first: bool
     ) -> None:
-        """Keep the batch for the next round (claiming nothing while the database fails:
-        a claim whose answer was lost is taken back when its lease runs out), until it has
-        failed for longer than the leases would last anyway."""
-        give_up = time.monotonic() - failing_since > max(self.settings.lease_seconds * 2, 30.0)
+        """Keep the batch for the next round (and claim nothing more until the next poll or
+        wake-up: a claim whose answer was lost is taken back when its lease runs out), until it
+        has failed for longer than the leases would last anyway."""
+        give_up = time.monotonic() - failing_since > retry_writes_for(self.settings.lease_seconds)
         if give_up:
             log.error(
                 "could not record %d result(s) (%s); their leases will run out and they will "
@@ -218,11 +218,10 @@ class Dispatcher:
             for completion in batch:
                 self._finished(completion, None)
         else:
-            if delay <= 0.1:
+            if first:
                 log.warning(
                     "could not record %d result(s) yet (%s); retrying", len(batch), short_error(exc)
                 )
             with self._cond:
                 self._completions[:0] = batch
                 self._maybe_ready = False
-        time.sleep(delay)

@@ -60,34 +60,13 @@ def claim(database: Database, *, instance_id: str, limit: int, lease_seconds: fl
     return claims
 
 
-def complete_and_claim(
-    database: Database,
-    claimed: Claim,
-    *,
-    instance_id: str,
-    limit: int,
-    lease_seconds: float,
-    result: str | None = None,
-) -> tuple[Outcome, list[Claim]]:
-    """Complete one task and claim the next ones in one statement; `result` is the
-    processor's return value as JSON text (processor.encode_result)."""
-    (outcome,), claims = complete_and_claim_many(
-        database,
-        [(claimed, result)],
-        instance_id=instance_id,
-        limit=limit,
-        lease_seconds=lease_seconds,
-    )
-    return outcome, claims
-
-
 def complete(
     database: Database, claimed: Claim, *, instance_id: str, result: str | None = None
 ) -> Outcome:
     """Complete a task for the holder of its lease: the conversations of its snapshot, unless
     edited since, turn processed; with others still active it goes back to pending instead."""
-    outcome, _ = complete_and_claim(
-        database, claimed, instance_id=instance_id, limit=0, lease_seconds=0, result=result
+    (outcome,), _ = complete_and_claim_many(
+        database, [(claimed, result)], instance_id=instance_id, limit=0, lease_seconds=0
     )
     return outcome
 

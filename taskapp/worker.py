@@ -37,6 +37,7 @@ from .attempt import (
     Running,
     TaskTimeout,
     describe_error,
+    retry_writes_for,
     short_error,
 )
 from .config import Settings
@@ -291,6 +292,10 @@ class Worker:
         if ending.error is None and ending.deferral is None:
             self.dispatcher.complete(Completion(claimed, ending.result, duration))
             return
+        self._record_and_report(claimed, ending, duration)
+
+    def _record_and_report(self, claimed: Claim, ending: Ending, duration: float) -> None:
+        """Write a failed or deferred attempt, let go of its claim, and log it."""
         outcome = self._record(claimed, ending)
         self._let_go(claimed)
         if outcome is not None:
@@ -313,15 +318,10 @@ class Worker:
     def _on_refused(self, completion: Completion, exc: Exception) -> None:
         """PostgreSQL refused a result encode_result() let through: retrying can't help, so
         the attempt fails instead."""
-        ending = Ending(
-            error=describe_error(
-                ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
-            )
+        error = ResultNotStorable(f"PostgreSQL refused the result: {short_error(exc)}")
+        self._record_and_report(
+            completion.claim, Ending(error=describe_error(error)), completion.duration
         )
-        outcome = self._record(completion.claim, ending)
-        self._let_go(completion.claim)
-        if outcome is not None:
-            self._report(completion.claim, outcome, ending, completion.duration)
 
     def _begin(self, claimed: Claim, context: Context) -> Running:
         """Register the attempt as running, with its deadline for the watchdog."""
@@ -331,9 +331,9 @@ class Worker:
             self._running[claimed.task.id] = running
             revoked_claim, revoked = self._revoked.pop(claimed.task.id, (None, None))
             deadline = running.deadline
-            wake_watchdog = deadline is not None and deadline < self._watch_until
-            if deadline is not None and wake_watchdog:
-                self._watch_until = deadline
+            wake_watchdog = False
+            if deadline is not None and deadline < self._watch_until:
+                self._watch_until, wake_watchdog = deadline, True
         if wake_watchdog:
             self._watch.set()
         if revoked is not None and revoked_claim is claimed:
@@ -409,16 +409,14 @@ class Worker:
         )
         metrics.task_timed_out(abandoned=True)
         ending = Ending(error=self._timeout_error(running, stopped=False))
-        outcome = self._record(running.claim, ending)
-        if outcome is not None:
-            self._report(running.claim, outcome, ending, time.monotonic() - running.started)
+        self._record_and_report(running.claim, ending, time.monotonic() - running.started)
 
     def _record(self, claimed: Claim, ending: Ending) -> queue.Outcome | None:
         """Write a failed or deferred attempt, retrying through database errors for a while;
         None when it could not be written (the lease runs out and the task runs again)."""
         task = claimed.task
         backoff = Backoff(first=0.2)
-        give_up_at = time.monotonic() + max(self.settings.lease_seconds * 2, 30.0)
+        give_up_at = time.monotonic() + retry_writes_for(self.settings.lease_seconds)
         while True:
             try:
                 if ending.deferral is not None:
