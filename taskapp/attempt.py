@@ -38,6 +38,10 @@ class Deferred(Exception):
     """A deferral, as the error history records it."""
 
 
+class Throttled(Deferred):
+    """What a throttle records: the task waits, and so does its key (or queue)."""
+
+
 class DeferralsExhausted(ProcessorContractError):
     """A deferral past MAX_DEFERRALS: it fails the attempt instead."""
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://user:password@localhost:5432/taskdb"
+DEFAULT_QUEUE = "default"
+# A queue's name: what tasks, WORKER_QUEUES and the /queues API accept.
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,51 @@ def _parse_number(name: str, raw: str, kind: type, minimum: float | None) -> flo
     return value
 
 
+def _queue_name(setting: str, name: str) -> str:
+    if not QUEUE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{setting}: {name!r} is not a queue name (letters, digits and _.:-, at most 64, "
+            "starting with a letter or digit)"
+        )
+    return name
+
+
+def _parse_worker_queues(raw: str, default_threads: int | None) -> tuple[tuple[str, int], ...]:
+    """`default:4,llm:16` (a name alone gets WORKER_CONCURRENCY threads)."""
+    queues: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, colon, count = item.partition(":")
+        name = _queue_name("WORKER_QUEUES", name.strip())
+        if name in queues:
+            raise ConfigError(f"WORKER_QUEUES names {name!r} twice")
+        threads = (
+            int(_parse_number(f"WORKER_QUEUES ({name})", count.strip(), int, 1))
+            if colon
+            else default_threads or 1
+        )
+        queues[name] = threads
+    if not queues:
+        raise ConfigError("WORKER_QUEUES names no queue")
+    return tuple(queues.items())
+
+
+def _parse_queue_processors(raw: str) -> tuple[tuple[str, str], ...]:
+    """`llm=package.module:function,other=...`."""
+    processors: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, equals, spec = item.partition("=")
+        if not equals:
+            raise ConfigError(
+                f"QUEUE_PROCESSORS entries look like queue=module:function, got {item!r}"
+            )
+        processors[_queue_name("QUEUE_PROCESSORS", name.strip())] = spec.strip()
+    return tuple(processors.items())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything an instance can be told through its environment."""
@@ -52,6 +101,12 @@ class Settings:
     task_processor: str = "taskapp.processor:simulate_work"
     worker_enabled: bool = True
     worker_concurrency: int = 1
+    # The queues this instance serves, with their work threads: WORKER_QUEUES=default:4,llm:16
+    # (empty: `default` with WORKER_CONCURRENCY threads).
+    worker_queues: tuple[tuple[str, int], ...] = ()
+    # A queue's own processor: QUEUE_PROCESSORS=llm=package.module:function (else
+    # TASK_PROCESSOR).
+    queue_processors: tuple[tuple[str, str], ...] = ()
     poll_interval_seconds: float = 1.0
     lease_seconds: float = 30.0
     max_attempts: int = 3
@@ -113,6 +168,10 @@ class Settings:
                 values[attr] = _parse_bool(name, raw)
         if (processor := get("TASK_PROCESSOR")) is not None:
             values["task_processor"] = processor
+        if (raw := get("WORKER_QUEUES")) is not None:
+            values["worker_queues"] = _parse_worker_queues(raw, values.get("worker_concurrency"))
+        if (raw := get("QUEUE_PROCESSORS")) is not None:
+            values["queue_processors"] = _parse_queue_processors(raw)
         if (keys := get("API_KEYS")) is not None:
             values["api_keys"] = tuple(k.strip() for k in keys.split(",") if k.strip())
         if (log_format := get("LOG_FORMAT")) is not None:
@@ -127,10 +186,25 @@ class Settings:
             raise ConfigError("PROCESSING_MAX_SECONDS must be >= PROCESSING_MIN_SECONDS")
         if ":" not in self.task_processor:
             raise ConfigError("TASK_PROCESSOR must look like package.module:function")
+        for name, spec in self.queue_processors:
+            if ":" not in spec:
+                raise ConfigError(
+                    f"QUEUE_PROCESSORS: {name}'s processor must look like "
+                    f"package.module:function, got {spec!r}"
+                )
         url = normalize_database_url(self.database_url)
         if not url.startswith("postgresql+psycopg://"):
             raise ConfigError("DATABASE_URL must be a postgresql:// URL")
         return self if url == self.database_url else replace(self, database_url=url)
+
+    @property
+    def served_queues(self) -> dict[str, int]:
+        """The queues this instance's worker serves, with their work threads."""
+        return dict(self.worker_queues) or {DEFAULT_QUEUE: self.worker_concurrency}
+
+    def processor_for(self, queue_name: str) -> str:
+        """The processor ('package.module:function') that runs this queue's tasks."""
+        return dict(self.queue_processors).get(queue_name, self.task_processor)
 
     @property
     def heartbeat_seconds(self) -> float:

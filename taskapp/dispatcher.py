@@ -1,7 +1,8 @@
 """The dispatcher of an instance: the one thread that claims tasks and writes completions.
 
-Work threads no longer claim for themselves. The dispatcher claims as many tasks as the
-instance has free work slots, in one statement, and hands each to a waiting work thread;
+Work threads no longer claim for themselves. The dispatcher claims as many tasks of each
+queue the instance serves as it has free work slots for that queue, in one statement, and
+hands each to a waiting work thread of its queue;
 completions come back to it and are written many at a time, each fenced by its own lease
 token, in the same statement that claims the next tasks for the slots they free. A
 completion waits at most for the statement in flight (about a millisecond): the dispatcher
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -57,7 +58,7 @@ class Dispatcher:
         database: Database,
         settings: Settings,
         instance_id: str,
-        slots: int,
+        slots: Mapping[str, int],
         claimed: Callable[[list[Claim]], None],
         finished: Callable[[Completion, queue.Outcome | None], None],
         refused: Callable[[Completion, Exception], None],
@@ -69,7 +70,10 @@ class Dispatcher:
         self._finished = finished
         self._refused = refused
         self._cond = threading.Condition()
-        self._free = slots
+        # Free work slots per queue served.
+        self._free = dict(slots)
+        # Rounds in a row whose candidates the limits refused and that claimed nothing.
+        self._refused_rounds = 0
         self._completions: list[Completion] = []
         # True when a claim may find something: set by wake() and by a poll, cleared when a
         # claim finds fewer tasks than it asked for.
@@ -90,10 +94,11 @@ class Dispatcher:
             self._maybe_ready = True
             self._cond.notify()
 
-    def slot_freed(self, count: int = 1) -> None:
-        """A work thread is free for another task (or a new one replaced an abandoned one)."""
+    def slot_freed(self, queue_name: str, count: int = 1) -> None:
+        """A work thread of this queue is free for another task (or a new one replaced an
+        abandoned one)."""
         with self._cond:
-            self._free += count
+            self._free[queue_name] += count
             self._cond.notify()
 
     def complete(self, completion: Completion) -> None:
@@ -122,17 +127,17 @@ class Dispatcher:
         failing_since: float | None = None
         backoff = Backoff()
         while True:
-            batch, limit, generation = self._next_round()
+            batch, limits, generation = self._next_round()
             if batch is None:
                 return
-            if not batch and not limit:
+            if not batch and not limits:
                 continue
             try:
-                outcomes, claims = queue.complete_and_claim_many(
+                done = queue.complete_and_claim_many(
                     self.database,
                     [(c.claim, c.result) for c in batch],
                     instance_id=self.instance_id,
-                    limit=limit,
+                    limits=limits,
                     lease_seconds=self.settings.lease_seconds,
                 )
             except psycopg.DataError:
@@ -146,33 +151,47 @@ class Dispatcher:
                 continue
             failing_since = None
             backoff.reset()
+            claims = done.claims
             with self._cond:
-                self._free -= len(claims)
-                if len(claims) < limit and generation == self._generation:
+                for claimed in claims:
+                    self._free[claimed.task.queue] -= 1
+                # Refused candidates (a key just reached its limit, a rate ran out) leave
+                # others unclaimed: look again at once, as those keys are skipped now; but
+                # not forever if the limits keep refusing without anything starting.
+                self._refused_rounds = (
+                    self._refused_rounds + 1 if done.refused and not claims else 0
+                )
+                again = done.refused and self._refused_rounds <= 3
+                if (
+                    len(claims) < sum(limits.values())
+                    and not again
+                    and generation == self._generation
+                ):
                     self._maybe_ready = False
             if claims:
                 self._claimed(claims)
-            for completion, outcome in zip(batch, outcomes, strict=True):
+            for completion, outcome in zip(batch, done.outcomes, strict=True):
                 self._finished(completion, outcome)
 
-    def _next_round(self) -> tuple[list[Completion] | None, int, int]:
-        """Wait for something to do; return the completions to write, how many tasks to
-        claim, and the wake-up generation seen (None: the dispatcher is done)."""
+    def _next_round(self) -> tuple[list[Completion] | None, dict[str, int], int]:
+        """Wait for something to do; return the completions to write, how many tasks of each
+        queue to claim, and the wake-up generation seen (None: the dispatcher is done)."""
         with self._cond:
             while True:
-                claim = self._claiming and self._free > 0 and self._maybe_ready
-                if self._completions or claim:
+                free = {name: n for name, n in self._free.items() if n > 0}
+                if not self._claiming:
+                    free = {}
+                if self._completions or (free and self._maybe_ready):
                     batch, self._completions = self._completions, []
-                    limit = self._free if self._claiming and self._free > 0 else 0
-                    return batch, limit, self._generation
+                    return batch, free, self._generation
                 if self._done:
-                    return None, 0, self._generation
+                    return None, {}, self._generation
                 timeout = self.settings.poll_interval_seconds
-                if self._claiming and self._free > 0:
-                    # Idle with free slots: sleep until the next scheduled task is due.
+                if free:
+                    # Idle with free slots: sleep until a task of those queues may be due.
                     self._cond.release()
                     try:
-                        due = queue.seconds_until_next_due(self.database)
+                        due = queue.seconds_until_next_due(self.database, free)
                     except Exception:
                         due = None
                     finally:

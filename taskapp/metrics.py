@@ -90,6 +90,7 @@ class QueueCollector(Collector):
         for status, count in queue.queue_counts(self.database).items():
             depth.add_metric([status], count)
         yield depth
+        yield from self._flow_gauges()
         yield GaugeMetricFamily(
             "taskapp_queue_oldest_pending_age_seconds",
             "Seconds the oldest due pending task has waited",
@@ -109,6 +110,35 @@ class QueueCollector(Collector):
             "The most connections this instance opens: DB_POOL_SIZE and the listener's one",
             value=self.database.max_connections,
         )
+
+    def _flow_gauges(self) -> Iterator[GaugeMetricFamily]:
+        """Per queue (the first FLOW_GAUGE_QUEUES by name: clients name queues, and no
+        request may create a series without a bound): running tasks, throttled keys, and
+        whether it is paused or throttled as a whole."""
+        from . import flow
+
+        families = {
+            "running": GaugeMetricFamily(
+                "taskapp_queue_running", "Tasks running, per queue", labels=["queue"]
+            ),
+            "throttled_keys": GaugeMetricFamily(
+                "taskapp_queue_throttled_keys",
+                "Concurrency keys that can start nothing now (out of rate or throttled)",
+                labels=["queue"],
+            ),
+            "paused": GaugeMetricFamily(
+                "taskapp_queue_paused", "1 while the queue is paused", labels=["queue"]
+            ),
+            "throttled": GaugeMetricFamily(
+                "taskapp_queue_throttled",
+                "1 while the queue as a whole can start nothing (out of rate or throttled)",
+                labels=["queue"],
+            ),
+        }
+        for row in flow.gauges(self.database, limit=FLOW_GAUGE_QUEUES):
+            for name, family in families.items():
+                family.add_metric([row.name], float(getattr(row, name)))
+        yield from families.values()
 
 
 def render(database: Database) -> Response:
@@ -131,6 +161,9 @@ def init_app(app: Flask) -> None:
 
 _STARTED = "taskapp.metrics.started"
 # The labelled children, looked up once per (method, endpoint, status) rather than per request.
+# The most queues the per-queue gauges report.
+FLOW_GAUGE_QUEUES = 100
+
 _request_counters: dict[tuple[str, str, int], Counter] = {}
 _latency_histograms: dict[tuple[str, str], Histogram] = {}
 

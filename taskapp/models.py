@@ -38,6 +38,8 @@ else:
     Model = db.Model
 
 TITLE_MAX_LENGTH = 255
+QUEUE_NAME_MAX_LENGTH = 64
+CONCURRENCY_KEY_MAX_LENGTH = 200
 
 
 class Task(Model):
@@ -72,6 +74,11 @@ class Task(Model):
     timeout_seconds: Mapped[int | None] = mapped_column(Integer)
     # How often its processor asked to run later (bounded by MAX_DEFERRALS).
     deferrals: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The queue it waits in, and what it shares limits with (migration 0007).
+    queue: Mapped[str] = mapped_column(String(QUEUE_NAME_MAX_LENGTH), server_default="default")
+    concurrency_key: Mapped[str | None] = mapped_column(String(CONCURRENCY_KEY_MAX_LENGTH))
+    # When its latest attempt was admitted (the claim's clock, after the limits' locks).
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     conversations: Mapped[list[Conversation]] = relationship(
         back_populates="task",
@@ -95,9 +102,12 @@ class Task(Model):
             "(status = 'processing') = (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
             name="lease_iff_processing",
         ),
-        # The claim: due pending tasks, most urgent first, oldest first.
+        CheckConstraint("length(queue) > 0", name="queue_not_blank"),
+        CheckConstraint("length(concurrency_key) > 0", name="concurrency_key_not_blank"),
+        # The claim: due pending tasks of a queue, most urgent first, oldest first.
         Index(
             "ix_tasks_claim",
+            "queue",
             text("priority DESC"),
             "id",
             "run_after",
@@ -116,6 +126,13 @@ class Task(Model):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_tasks_status", "status"),
+        # What runs per concurrency key, for the limits (taskapp_admit, migration 0007).
+        Index(
+            "ix_tasks_running_keys",
+            "queue",
+            "concurrency_key",
+            postgresql_where=text("status = 'processing' AND concurrency_key IS NOT NULL"),
+        ),
     )
 
 
@@ -167,9 +184,51 @@ class TaskCount(Model):
 
     __tablename__ = "task_counts"
 
+    queue: Mapped[str] = mapped_column(String(QUEUE_NAME_MAX_LENGTH), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class _FlowState:
+    """What the claim keeps for a queue or a key: its rate's state (GCRA: the theoretical
+    arrival time and the next start it allows) and a processor's throttle."""
+
+    rate_tat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rate_ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    throttled_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    throttle_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Queue(_FlowState, Model):
+    """A queue's settings (migration 0007): paused, its own rate of starts, and the default
+    limits of its concurrency keys. A queue without a row has no limits."""
+
+    __tablename__ = "queues"
+
+    name: Mapped[str] = mapped_column(String(QUEUE_NAME_MAX_LENGTH), primary_key=True)
+    paused: Mapped[bool] = mapped_column(server_default=text("false"))
+    rate_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_period_seconds: Mapped[float | None]
+    rate_burst: Mapped[int | None] = mapped_column(Integer)
+    key_concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    key_rate_limit: Mapped[int | None] = mapped_column(Integer)
+    key_rate_period_seconds: Mapped[float | None]
+    key_rate_burst: Mapped[int | None] = mapped_column(Integer)
+
+
+class ConcurrencyKey(_FlowState, Model):
+    """One key's own limits over its queue's defaults, and its rate state (migration 0007)."""
+
+    __tablename__ = "concurrency_keys"
+
+    queue: Mapped[str] = mapped_column(String(QUEUE_NAME_MAX_LENGTH), primary_key=True)
+    key: Mapped[str] = mapped_column(String(CONCURRENCY_KEY_MAX_LENGTH), primary_key=True)
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_period_seconds: Mapped[float | None]
+    rate_burst: Mapped[int | None] = mapped_column(Integer)
 
 
 class Instance(Model):

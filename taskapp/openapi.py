@@ -40,6 +40,12 @@ COMPONENT_SCHEMAS = {
     "TaskUpdate": schemas.TaskUpdate,
     "TaskOut": schemas.TaskOut,
     "TaskListItem": schemas.TaskListItem,
+    "RateLimit": schemas.RateLimit,
+    "RateLimitOut": schemas.RateLimitOut,
+    "QueueUpdate": schemas.QueueUpdate,
+    "QueueOut": schemas.QueueOut,
+    "KeyUpdate": schemas.KeyUpdate,
+    "KeyOut": schemas.KeyOut,
     "Problem": schemas.Problem,
     "ValidationProblem": schemas.ValidationProblem,
 }
@@ -94,6 +100,20 @@ EVENTS_TASK_ID = {
     "required": False,
     "description": "Only the events of this task.",
     "schema": _ID_SCHEMA,
+}
+QUEUE_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "A queue's name (a queue nobody configured exists, without limits).",
+    "schema": {"type": "string", "pattern": schemas.QUEUE_NAME_PATTERN},
+}
+CONCURRENCY_KEY = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "A concurrency key (its `/` may be sent as is).",
+    "schema": {"type": "string", "pattern": schemas.CONCURRENCY_KEY_PATTERN},
 }
 PUBLIC: list[dict[str, list[str]]] = []  # `security: []`: no API key needed
 API_KEY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
@@ -270,6 +290,93 @@ PATHS: dict[str, dict[str, Any]] = {
             ),
         },
     },
+    "/queues/": {
+        "get": {
+            "operationId": "list_queues",
+            "tags": ["queues"],
+            "summary": "Every queue configured or holding tasks, with counts and limits",
+            "responses": _responses(
+                {"200": _ok({"type": "array", "items": "QueueOut"}, "The queues, by name.")}
+            ),
+        },
+    },
+    "/queues/{name}": {
+        "parameters": [QUEUE_NAME],
+        "get": {
+            "operationId": "get_queue",
+            "tags": ["queues"],
+            "summary": "A queue: its counts by status, its limits, whether it is paused",
+            "responses": _responses({"200": _ok("QueueOut", "The queue.")}, "404"),
+        },
+        "put": {
+            "operationId": "configure_queue",
+            "tags": ["queues"],
+            "summary": "Set a queue's rate of starts and its keys' default limits",
+            "description": "Limits hold across every instance: a claim never admits a task "
+            "past them. A new or changed rate starts with a full burst.",
+            "requestBody": _body("QueueUpdate", "Only the fields sent change; null removes one."),
+            "responses": _responses({"200": _ok("QueueOut", "The queue.")}, "404", *BODY_ERRORS),
+        },
+    },
+    "/queues/{name}/pause": {
+        "parameters": [QUEUE_NAME],
+        "post": {
+            "operationId": "pause_queue",
+            "tags": ["queues"],
+            "summary": "Pause a queue on every instance",
+            "description": "Returns once no instance can start another task of the queue; "
+            "running tasks finish.",
+            "responses": _responses({"200": _ok("QueueOut", "The queue, paused.")}, "404", "415"),
+        },
+    },
+    "/queues/{name}/resume": {
+        "parameters": [QUEUE_NAME],
+        "post": {
+            "operationId": "resume_queue",
+            "tags": ["queues"],
+            "summary": "Resume a paused queue; idle workers wake at once",
+            "responses": _responses({"200": _ok("QueueOut", "The queue.")}, "404", "415"),
+        },
+    },
+    "/queues/{name}/keys/": {
+        "parameters": [QUEUE_NAME],
+        "get": {
+            "operationId": "list_keys",
+            "tags": ["queues"],
+            "summary": "A queue's keys with limits or state of their own, or tasks running",
+            "parameters": [{"in": "query", "schema": schemas.KeyListQuery}],
+            "responses": _responses(
+                {"200": _ok({"type": "array", "items": "KeyOut"}, "The keys, in order.")},
+                "404",
+                "422",
+            ),
+        },
+    },
+    "/queues/{name}/keys/{key}": {
+        "parameters": [QUEUE_NAME, CONCURRENCY_KEY],
+        "get": {
+            "operationId": "get_key",
+            "tags": ["queues"],
+            "summary": "A concurrency key: its limits, what holds, what runs",
+            "description": "404 for a key with no limits or state of its own and nothing "
+            "running: its queue's defaults hold for it.",
+            "responses": _responses({"200": _ok("KeyOut", "The key.")}, "404"),
+        },
+        "put": {
+            "operationId": "configure_key",
+            "tags": ["queues"],
+            "summary": "Set a key's own limits over its queue's defaults",
+            "requestBody": _body("KeyUpdate", "Only the fields sent change; null: the queue's."),
+            "responses": _responses({"200": _ok("KeyOut", "The key.")}, "404", *BODY_ERRORS),
+        },
+        "delete": {
+            "operationId": "delete_key",
+            "tags": ["queues"],
+            "summary": "Forget a key's own limits, throttle and rate state",
+            "description": "Its queue's defaults hold again, starting with a full burst.",
+            "responses": _responses({"204": {"description": "Forgotten."}}, "404", "415"),
+        },
+    },
     "/health": {
         "get": {
             "operationId": "health",
@@ -357,8 +464,9 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": (
             "`instance_id`; `worker` (running, current task, processed and failed counts, "
-            "started at); `queue` (tasks per status); `instances` (every live instance with "
-            "its last heartbeat); `event_streams` (open and most allowed); "
+            "started at, the `queues` it serves with their threads); `queue` (tasks per "
+            "status); `instances` (every live instance with its last heartbeat); "
+            "`event_streams` (open and most allowed); "
             "`database_connections` (this instance's statement pool: in use, idle, most "
             "allowed)."
         ),
@@ -425,6 +533,11 @@ def build_spec() -> dict[str, Any]:
         tags=[
             {"name": "tasks", "description": "Tasks and their lifecycle."},
             {"name": "conversations", "description": "A task's conversations."},
+            {
+                "name": "queues",
+                "description": "Flow control across the cluster: queues, concurrency keys, "
+                "rate limits, pause and resume.",
+            },
             {"name": "system", "description": "Health, status, metrics and live events."},
         ],
     )
@@ -467,7 +580,23 @@ def build_spec() -> dict[str, Any]:
     for path, item in PATHS.items():
         operations = {k: v for k, v in item.items() if k != "parameters"}
         spec.path(path=path, operations=operations, parameters=item.get("parameters"))
-    return spec.to_dict()
+    document = spec.to_dict()
+    for schema in document["components"]["schemas"].values():
+        for name, prop in schema.get("properties", {}).items():
+            schema["properties"][name] = _nullable_reference(prop)
+    return document
+
+
+def _nullable_reference(prop: dict[str, Any]) -> dict[str, Any]:
+    """apispec writes a nullable nested schema as `anyOf: [ref, {type: object, nullable}]`,
+    which admits any object at all; say "this schema, or null" instead."""
+    null = {"type": "object", "nullable": True}
+    any_of = prop.get("anyOf") or []
+    if len(any_of) != 2 or null not in any_of:
+        return prop
+    (reference,) = (choice for choice in any_of if choice != null)
+    rest = {k: v for k, v in prop.items() if k != "anyOf"}
+    return {**rest, "allOf": [reference], "nullable": True}
 
 
 def init_app(app: Flask) -> None:

@@ -59,6 +59,8 @@ class TaskSnapshot:
     processed: tuple[ProcessedConversation, ...] = ()
     # This task's own time limit per attempt, or None for the TASK_TIMEOUT_SECONDS setting.
     timeout_seconds: int | None = None
+    queue: str = "default"
+    concurrency_key: str | None = None
 
 
 class ProcessorContractError(RuntimeError):
@@ -97,6 +99,18 @@ class Defer(Exception):
         super().__init__(after_seconds, reason)
         self.after_seconds = float(after_seconds)
         self.reason = reason
+
+    # Throttle sets it: the whole key (or queue) waits too, not only this task.
+    throttle = False
+
+
+class Throttle(Defer):
+    """Raise it when what the task calls pushes back for everyone sharing its limits (a 429
+    with Retry-After for an API key): the task is deferred like Defer, and no task of its
+    concurrency key (of its queue, when it has no key) starts anywhere in the cluster until
+    after_seconds from now."""
+
+    throttle = True
 
 
 class CancelReason:
@@ -214,6 +228,11 @@ class Context:
         Defer: nothing after this call runs)."""
         raise Defer(after_seconds, reason)
 
+    def throttle(self, after_seconds: float, reason: str = "") -> NoReturn:
+        """Defer this task, and hold back every task of its concurrency key (its queue, when
+        it has none) across the cluster, for after_seconds (raises Throttle)."""
+        raise Throttle(after_seconds, reason)
+
     # -- cancellation -------------------------------------------------------------------------
 
     @property
@@ -304,17 +323,18 @@ def simulate_work(
         context.wait(duration)
 
 
-def load_processor(settings: Settings) -> Processor:
-    """Resolve TASK_PROCESSOR ('package.module:function') to the function to call."""
-    module_name, _, attr = settings.task_processor.partition(":")
+def load_processor(settings: Settings, queue_name: str | None = None) -> Processor:
+    """Resolve a queue's processor ('package.module:function': QUEUE_PROCESSORS, else
+    TASK_PROCESSOR) to the function to call."""
+    spec = settings.task_processor if queue_name is None else settings.processor_for(queue_name)
+    setting = "TASK_PROCESSOR" if spec == settings.task_processor else "QUEUE_PROCESSORS"
+    module_name, _, attr = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"TASK_PROCESSOR {settings.task_processor!r} cannot be loaded: {exc}"
-        ) from exc
+        raise ConfigError(f"{setting} {spec!r} cannot be loaded: {exc}") from exc
     if not callable(function):
-        raise ConfigError(f"TASK_PROCESSOR {settings.task_processor!r} is not callable")
+        raise ConfigError(f"{setting} {spec!r} is not callable")
     if function is simulate_work:
         low, high = settings.processing_min_seconds, settings.processing_max_seconds
         return lambda task, context: simulate_work(task, context, min_seconds=low, max_seconds=high)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,12 +53,22 @@ class Outcome:
     status: str | None = None
 
 
-def claim(database: Database, *, instance_id: str, limit: int, lease_seconds: float) -> list[Claim]:
-    """Lease up to `limit` of the most urgent due pending tasks to this instance."""
-    _, claims = complete_and_claim_many(
-        database, [], instance_id=instance_id, limit=limit, lease_seconds=lease_seconds
-    )
-    return claims
+DEFAULT_QUEUE = "default"
+
+
+def claim(
+    database: Database,
+    *,
+    instance_id: str,
+    limit: int | Mapping[str, int],
+    lease_seconds: float,
+) -> list[Claim]:
+    """Lease up to `limit` of the most urgent due pending tasks to this instance (an int: of
+    the default queue; a mapping: so many of each queue) that their limits let start."""
+    limits = {DEFAULT_QUEUE: limit} if isinstance(limit, int) else limit
+    return complete_and_claim_many(
+        database, [], instance_id=instance_id, limits=limits, lease_seconds=lease_seconds
+    ).claims
 
 
 def complete(
@@ -65,10 +76,20 @@ def complete(
 ) -> Outcome:
     """Complete a task for the holder of its lease: the conversations of its snapshot, unless
     edited since, turn processed; with others still active it goes back to pending instead."""
-    (outcome,), _ = complete_and_claim_many(
-        database, [(claimed, result)], instance_id=instance_id, limit=0, lease_seconds=0
+    round_ = complete_and_claim_many(
+        database, [(claimed, result)], instance_id=instance_id, limits={}, lease_seconds=0
     )
-    return outcome
+    return round_.outcomes[0]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one complete_and_claim statement did: an Outcome per completion, in order, the new
+    claims, and how many candidates their limits refused (more may be claimable at once)."""
+
+    outcomes: list[Outcome]
+    claims: list[Claim]
+    refused: int
 
 
 def complete_and_claim_many(
@@ -76,17 +97,18 @@ def complete_and_claim_many(
     completions: list[tuple[Claim, str | None]],
     *,
     instance_id: str,
-    limit: int,
+    limits: Mapping[str, int],
     lease_seconds: float,
-) -> tuple[list[Outcome], list[Claim]]:
-    """Complete many tasks, each fenced by its own lease token, and claim up to `limit` more,
-    in one statement. Returns an Outcome per completion, in order, and the new claims."""
+) -> Round:
+    """Complete many tasks, each fenced by its own lease token, and claim up to limits[queue]
+    more of each queue, in one statement."""
     params = {
         "task_ids": [claimed.task.id for claimed, _ in completions],
         "lease_tokens": [claimed.lease_token for claimed, _ in completions],
         "results": [result for _, result in completions],
         "instance_id": instance_id,
-        "limit": limit,
+        "queues": list(limits),
+        "limits": list(limits.values()),
         "lease_seconds": lease_seconds,
     }
     rows = database.fetch("complete_and_claim", params)
@@ -95,7 +117,8 @@ def complete_and_claim_many(
         Outcome(applied=claimed.task.id in finished, status=finished.get(claimed.task.id))
         for claimed, _ in completions
     ]
-    return outcomes, _claims([row for row in rows if row.id is not None])
+    claims = _claims([row for row in rows if row.id is not None])
+    return Round(outcomes, claims, int(rows[0].refused or 0))
 
 
 def checkpoint(
@@ -174,6 +197,7 @@ def defer(
     delay_seconds: float,
     reason: str,
     max_deferrals: int,
+    throttle: bool = False,
 ) -> Outcome:
     """Put the task back to pending for delay_seconds without spending its attempt. applied
     False: the lease is lost; status None: it has used its MAX_DEFERRALS (nothing changed)."""
@@ -185,6 +209,7 @@ def defer(
         delay=delay_seconds,
         reason=reason,
         max_deferrals=max_deferrals,
+        throttle=throttle,
         keep_errors=ERROR_HISTORY_LIMIT,
     )
     if row is None or not row.held:
@@ -210,6 +235,8 @@ def _claims(rows: list[Any]) -> list[Claim]:
                     for c in _json(row.processed)
                 ),
                 timeout_seconds=row.timeout_seconds,
+                queue=row.queue,
+                concurrency_key=row.concurrency_key,
             ),
             lease_token=row.lease_token,
             max_attempts=row.max_attempts,
@@ -282,8 +309,11 @@ def rescue_expired(database: Database, *, instance_id: str) -> list[tuple[int, s
     return [(row.id, row.status) for row in rows]
 
 
-def seconds_until_next_due(database: Database) -> float | None:
-    (row,) = database.fetch("seconds_until_next_due")
+def seconds_until_next_due(
+    database: Database, queues: Iterable[str] = (DEFAULT_QUEUE,)
+) -> float | None:
+    """Seconds until a task of these queues may be claimable (None: none is waiting)."""
+    (row,) = database.fetch("seconds_until_next_due", {"queues": list(queues)})
     return None if row.seconds is None else float(row.seconds)
 
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 from marshmallow import Schema, fields
 
-from .schemas import ConversationOut, TaskErrorOut, TaskListItem, TaskOut
+from .schemas import ConversationOut, KeyOut, QueueOut, TaskErrorOut, TaskListItem, TaskOut
+from .states import TaskStatus
 
 # Fields whose column PostgreSQL turns into the same JSON value as marshmallow's dump.
 _COLUMN_AS_IS = (fields.Integer, fields.Float, fields.String, fields.Boolean, fields.Raw)
@@ -88,3 +89,57 @@ def task_list_item_json(alias: str = "t") -> str:
     """SQL for a task as `GET /tasks/` lists it, with its number of conversations."""
     count = f"(SELECT count(*) FROM conversations AS c WHERE c.task_id = {alias}.id)"
     return json_object(TaskListItem(), alias, {**_stored_json(alias), "conversation_count": count})
+
+
+def rate_json(alias: str, prefix: str = "") -> str:
+    """SQL for a rate limit kept in columns {prefix}rate_limit, _period_seconds, _burst."""
+    column = f"{alias}.{prefix}rate"
+    return (
+        f"CASE WHEN {column}_limit IS NULL THEN NULL ELSE json_build_object("
+        f"'limit', {column}_limit, 'period_seconds', {column}_period_seconds, "
+        f"'burst', {column}_burst) END"
+    )
+
+
+def queue_json(alias: str, name: str) -> str:
+    """SQL for a queue as `GET /queues/{name}` shows it: `alias` is its `queues` row (NULLs
+    when it was never configured) and `name` the SQL for its name."""
+    counts = ", ".join(
+        f"'{status.value}', coalesce(sum(tc.n) FILTER (WHERE tc.status = '{status.value}'), 0)"
+        for status in TaskStatus
+    )
+    return json_object(
+        QueueOut(),
+        alias,
+        {
+            "name": name,
+            "paused": f"coalesce({alias}.paused, false)",
+            "rate_limit": rate_json(alias),
+            "key_rate_limit": rate_json(alias, "key_"),
+            "counts": f"(SELECT json_build_object({counts}) FROM task_counts AS tc"
+            f" WHERE tc.queue = {name})",
+            "throttled_keys": "(SELECT count(*) FROM concurrency_keys AS k"
+            f" WHERE k.queue = {name}"
+            " AND (k.rate_ready_at > now() OR k.throttled_until > now()))",
+        },
+    )
+
+
+def key_json(alias: str, queue: str, key: str, rule: str) -> str:
+    """SQL for a concurrency key as `GET /queues/{name}/keys/{key}` shows it: `alias` is its
+    `concurrency_keys` row (NULLs when it has none), `rule` its taskapp_key_rule() row."""
+    return json_object(
+        KeyOut(),
+        alias,
+        {
+            "queue": queue,
+            "key": key,
+            "rate_limit": rate_json(alias),
+            "effective_concurrency_limit": f"{rule}.max_running",
+            "effective_rate_limit": f"CASE WHEN {rule}.rate IS NULL THEN NULL ELSE"
+            f" json_build_object('limit', {rule}.rate, 'period_seconds', {rule}.period,"
+            f" 'burst', {rule}.burst) END",
+            "running": "(SELECT count(*) FROM tasks AS t WHERE t.status = 'processing'"
+            f" AND t.queue = {queue} AND t.concurrency_key = {key})",
+        },
+    )

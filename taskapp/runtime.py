@@ -35,6 +35,7 @@ class Runtime:
             database=self.database,
             settings=settings,
             processor=load_processor(settings),
+            processors={name: load_processor(settings, name) for name in settings.served_queues},
             instance_id=settings.instance_id,
         )
         self.housekeeper = Housekeeper(

@@ -12,7 +12,8 @@ from typing import Any
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate
 
-from .models import TITLE_MAX_LENGTH
+from .config import DEFAULT_QUEUE, QUEUE_NAME
+from .models import CONCURRENCY_KEY_MAX_LENGTH, TITLE_MAX_LENGTH
 from .states import CONVERSATION_STATUSES, TASK_STATUSES
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -27,6 +28,13 @@ LIST_LIMIT_DEFAULT = 100
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # Visible ASCII with inner spaces: HTTP would strip outer whitespace and mangle non-ASCII.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+QUEUE_NAME_PATTERN = f"^{QUEUE_NAME.pattern}$"
+# Visible ASCII, no spaces: a tenant, an API key's name, a model ("openai/gpt-4o").
+CONCURRENCY_KEY_PATTERN = rf"^[!-~]{{1,{CONCURRENCY_KEY_MAX_LENGTH}}}$"
+# Limits one queue or key may be given.
+LIMIT_MAX = 1_000_000
+RATE_PERIOD_MIN_SECONDS = 0.001
+RATE_PERIOD_MAX_SECONDS = 30 * 24 * 3600.0
 
 # Exactly the characters for which str.isspace() is true, spelled as escapes that mean the same
 # in Python's `re` and in the ECMA-262 regexes of JSON Schema, so both sides agree on "blank".
@@ -93,6 +101,42 @@ class QueryInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class Pattern(fields.String):
+    """A string matching a pattern (written into its JSON Schema too)."""
+
+    def __init__(self, pattern: str, message: str, **kwargs: Any) -> None:
+        kwargs["metadata"] = {"pattern": pattern, **kwargs.get("metadata", {})}
+        super().__init__(validate=validate.Regexp(pattern, error=message), **kwargs)
+
+
+def queue_name(**kwargs: Any) -> Pattern:
+    return Pattern(
+        QUEUE_NAME_PATTERN,
+        "Must be 1 to 64 letters, digits or _.:- starting with a letter or digit.",
+        **kwargs,
+    )
+
+
+def concurrency_key(**kwargs: Any) -> Pattern:
+    return Pattern(
+        CONCURRENCY_KEY_PATTERN,
+        f"Must be 1 to {CONCURRENCY_KEY_MAX_LENGTH} visible ASCII characters (no spaces).",
+        **kwargs,
+    )
+
+
+class StrictNumber(fields.Float):
+    """A JSON number in a range: booleans and numeric strings are refused."""
+
+    def __init__(self, minimum: float, maximum: float, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Range(minimum, maximum), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.make_error("invalid", input=value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class Timestamp(fields.DateTime):
     """An ISO 8601 time with a UTC offset, read and written in UTC."""
 
@@ -141,6 +185,14 @@ class TaskUpdate(_Input):
         allow_none=True, metadata={"description": "Not run before this time; null: run now."}
     )
     max_attempts = StrictInteger(1, MAX_ATTEMPTS_LIMIT)
+    queue = queue_name(metadata={"description": "The queue it waits in (not while processing)."})
+    concurrency_key = concurrency_key(
+        allow_none=True,
+        metadata={
+            "description": "What it shares limits with (a tenant, an API key, a model); null: "
+            "none. Not changeable while processing."
+        },
+    )
     timeout_seconds = StrictInteger(
         1,
         TIMEOUT_SECONDS_LIMIT,
@@ -153,6 +205,7 @@ class TaskUpdate(_Input):
 
 class TaskCreate(TaskUpdate):
     title = Title(required=True)
+    queue = queue_name(metadata={"description": "The queue it waits in.", "default": DEFAULT_QUEUE})
     priority = StrictInteger(
         INT32_MIN, INT32_MAX, metadata={"description": "Higher runs first.", "default": 0}
     )
@@ -183,6 +236,57 @@ class TaskListQuery(_Input):
     limit = QueryInteger(1, LIST_LIMIT_MAX, load_default=LIST_LIMIT_DEFAULT)
     offset = QueryInteger(0, BIGINT_MAX, load_default=0)
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
+    queue = queue_name()
+
+
+class RateLimit(_Input):
+    """At most `limit` starts per `period_seconds`, spaced evenly, up to `burst` at once."""
+
+    limit = StrictInteger(1, LIMIT_MAX, required=True)
+    period_seconds = StrictNumber(RATE_PERIOD_MIN_SECONDS, RATE_PERIOD_MAX_SECONDS, required=True)
+    burst = StrictInteger(
+        1,
+        LIMIT_MAX,
+        load_default=1,
+        metadata={
+            "default": 1,
+            "description": "Starts allowed at once; any period_seconds then holds at most "
+            "limit + burst - 1.",
+        },
+    )
+
+
+class QueueUpdate(_Input):
+    """A partial update of a queue's limits: only the fields sent change; null removes one."""
+
+    rate_limit = fields.Nested(
+        RateLimit,
+        allow_none=True,
+        metadata={"description": "Starts of the whole queue, across the cluster."},
+    )
+    key_concurrency_limit = StrictInteger(
+        1,
+        LIMIT_MAX,
+        allow_none=True,
+        metadata={"description": "Running tasks per concurrency key, by default."},
+    )
+    key_rate_limit = fields.Nested(
+        RateLimit,
+        allow_none=True,
+        metadata={"description": "Starts per concurrency key, by default."},
+    )
+
+
+class KeyUpdate(_Input):
+    """A key's own limits, over its queue's defaults: only the fields sent change; null
+    falls back to the queue's."""
+
+    concurrency_limit = StrictInteger(1, LIMIT_MAX, allow_none=True)
+    rate_limit = fields.Nested(RateLimit, allow_none=True)
+
+
+class KeyListQuery(_Input):
+    limit = QueryInteger(1, LIST_LIMIT_MAX, load_default=LIST_LIMIT_DEFAULT)
 
 
 class ConversationOut(Schema):
@@ -234,6 +338,13 @@ class _TaskOutBase(Schema):
     updated_at = Timestamp(required=True)
     processed_at = Timestamp(required=True, allow_none=True)
     processing_instance_id = fields.String(required=True, allow_none=True)
+    queue = fields.String(required=True)
+    concurrency_key = fields.String(required=True, allow_none=True)
+    started_at = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "When its latest attempt was admitted to run; null: never."},
+    )
     timeout_seconds = fields.Integer(
         required=True,
         allow_none=True,
@@ -267,6 +378,63 @@ class TaskOut(_TaskOutBase):
 
 class TaskListItem(_TaskOutBase):
     conversation_count = fields.Integer(required=True)
+
+
+class RateLimitOut(Schema):
+    limit = fields.Integer(required=True)
+    period_seconds = fields.Float(required=True)
+    burst = fields.Integer(required=True)
+
+
+class QueueOut(Schema):
+    name = fields.String(required=True)
+    paused = fields.Boolean(required=True)
+    rate_limit = fields.Nested(RateLimitOut, required=True, allow_none=True)
+    key_concurrency_limit = fields.Integer(required=True, allow_none=True)
+    key_rate_limit = fields.Nested(RateLimitOut, required=True, allow_none=True)
+    throttled_until = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "A processor throttled the queue until then (throttle())."},
+    )
+    counts = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        required=True,
+        metadata={"description": "Its tasks by status."},
+    )
+    throttled_keys = fields.Integer(
+        required=True,
+        metadata={"description": "Keys that can start nothing now: out of rate or throttled."},
+    )
+    updated_at = Timestamp(
+        required=True, allow_none=True, metadata={"description": "null: never configured."}
+    )
+
+
+class KeyOut(Schema):
+    queue = fields.String(required=True)
+    key = fields.String(required=True)
+    concurrency_limit = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "Its own; null: the queue's."}
+    )
+    rate_limit = fields.Nested(
+        RateLimitOut,
+        required=True,
+        allow_none=True,
+        metadata={"description": "Its own; null: the queue's."},
+    )
+    effective_concurrency_limit = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "What holds; null: none."}
+    )
+    effective_rate_limit = fields.Nested(RateLimitOut, required=True, allow_none=True)
+    running = fields.Integer(required=True)
+    throttled_until = Timestamp(required=True, allow_none=True)
+    rate_ready_at = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "When its rate allows the next start."},
+    )
 
 
 class Problem(Schema):

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from . import states
+from .config import DEFAULT_QUEUE
 from .database import Database
 from .errors import Conflict, NotFound
 
@@ -29,6 +30,8 @@ TASK_FIELDS = (
     "scheduled_for",
     "max_attempts",
     "timeout_seconds",
+    "queue",
+    "concurrency_key",
 )
 CONVERSATION_FIELDS = ("content", "status")
 
@@ -72,10 +75,15 @@ def get_task(*, database: Database, task_id: int) -> Rendered:
 
 
 def list_tasks(
-    *, database: Database, status: str | None = None, limit: int, offset: int
+    *,
+    database: Database,
+    status: str | None = None,
+    queue: str | None = None,
+    limit: int,
+    offset: int,
 ) -> TaskPage:
     """A page of tasks ordered by id, each with its conversation count."""
-    params = {"status": status, "limit": limit, "offset": offset}
+    params = {"status": status, "queue": queue, "limit": limit, "offset": offset}
     row = database.fetchone("list_tasks", params)
     return TaskPage(row.json, int(row.total))
 
@@ -91,6 +99,8 @@ def _creation_params(
         "scheduled_for": data.get("scheduled_for"),
         "max_attempts": default_max_attempts if max_attempts is None else max_attempts,
         "timeout_seconds": data.get("timeout_seconds"),
+        "queue": data.get("queue", DEFAULT_QUEUE),
+        "concurrency_key": data.get("concurrency_key"),
         "contents": [item["content"] for item in data.get("conversations", ())],
         "instance_id": instance_id,
     }
@@ -160,7 +170,19 @@ def update_task(
     if not data:
         return get_task(database=database, task_id=task_id)
     params = {**_changes(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
-    return _rendered(database.fetchone("update_task", params), _task_not_found, task_id)
+    with database.connection() as conn:
+        row = database.fetchone("update_task", params, conn=conn)
+        moving = "queue" in data or "concurrency_key" in data
+        if (
+            row is None
+            and moving
+            and database.fetchone("task_status", {"task_id": task_id}, conn=conn)
+        ):
+            raise Conflict(
+                f"Task {task_id} is processing: its queue and concurrency_key can change "
+                "once its attempt ends (or cancel it first)."
+            )
+    return _rendered(row, _task_not_found, task_id)
 
 
 def delete_task(*, database: Database, task_id: int, instance_id: str | None) -> None:

@@ -29,6 +29,8 @@ def _fragments() -> Mapping[str, Callable[..., str]]:
         "task_list_item_json": representation.task_list_item_json,
         "conversation_json": representation.conversation_json,
         "iso_now": lambda: representation.iso_time("now()"),
+        "queue_json": representation.queue_json,
+        "key_json": representation.key_json,
     }
 
 

@@ -2,7 +2,9 @@
 at shutdown.
 
 The dispatcher (taskapp.dispatcher) claims tasks for free work slots and writes completions
-in batches; each of the WORKER_CONCURRENCY work threads waits for a claim, runs the processor
+in batches. Each queue the instance serves (WORKER_QUEUES; by default `default` with
+WORKER_CONCURRENCY threads) has its own work threads and processor; each thread waits for a
+claim of its queue, runs the processor
 with no transaction or connection held, and hands the result back to the dispatcher (a
 failure or a deferral it writes itself). Every write is fenced by the claim's lease token.
 The leases of held tasks are renewed by the housekeeper (taskapp.housekeeper), which reads
@@ -24,6 +26,7 @@ import logging
 import queue as queues
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from . import metrics, queue
@@ -36,6 +39,7 @@ from .attempt import (
     ResultNotStorable,
     Running,
     TaskTimeout,
+    Throttled,
     describe_error,
     retry_writes_for,
     short_error,
@@ -55,12 +59,24 @@ class Worker:
     """An instance's work threads and dispatcher. start() and stop() are idempotent."""
 
     def __init__(
-        self, *, database: Database, settings: Settings, processor: Processor, instance_id: str
+        self,
+        *,
+        database: Database,
+        settings: Settings,
+        processor: Processor,
+        instance_id: str,
+        processors: Mapping[str, Processor] | None = None,
     ) -> None:
         self.database = database
         self.settings = settings
-        # Either form of processor, called as (task, context); decided once, here.
+        # Work threads per queue served (none when the worker is disabled).
+        self.slots = dict(settings.served_queues) if settings.worker_enabled else {}
+        # Either form of processor, called as (task, context); decided once, here. `processor`
+        # serves every queue that `processors` does not name.
         self.processor = adapt(processor)
+        self._processors = {
+            name: adapt((processors or {}).get(name, processor)) for name in self.slots
+        }
         self.instance_id = instance_id
         self.started_at = datetime.now(UTC)
         self.processed_count = 0
@@ -74,18 +90,22 @@ class Worker:
         self._running: dict[int, Running] = {}
         # Held tasks revoked before their processor started: {task id: (claim, reason)}.
         self._revoked: dict[int, tuple[Claim, str]] = {}
-        # Claims for the work threads; None tells one thread to end.
-        self._claims: queues.SimpleQueue[Claim | None] = queues.SimpleQueue()
+        # Claims for the work threads of each queue; None tells one thread to end.
+        self._claims: dict[str, queues.SimpleQueue[Claim | None]] = {
+            name: queues.SimpleQueue() for name in self.slots
+        }
         self._stopping = threading.Event()
-        # The work threads that own a slot; an abandoned one leaves this list for the next.
+        # The work threads that own a slot, with their queue; an abandoned one leaves this
+        # list for the next.
         self._threads: list[threading.Thread] = []
+        self._queue_of: dict[threading.Thread, str] = {}
         self._abandoned: list[threading.Thread] = []
         self._thread_count = 0
         self.dispatcher = Dispatcher(
             database=database,
             settings=settings,
             instance_id=instance_id,
-            slots=settings.worker_concurrency,
+            slots=self.slots,
             claimed=self._on_claimed,
             finished=self._on_finished,
             refused=self._on_refused,
@@ -146,27 +166,35 @@ class Worker:
             if self._started:
                 return
             self._started = True
-        count = self.settings.worker_concurrency if self.settings.worker_enabled else 0
-        if not count:
+        if not self.slots:
             log.info("worker disabled: this instance claims nothing")
             return
-        for _ in range(count):
-            self._start_work_thread()
+        for name, count in self.slots.items():
+            for _ in range(count):
+                self._start_work_thread(name)
         self._watchdog = threading.Thread(
             target=self._watch_timeouts, name="taskapp-watchdog", daemon=True
         )
         self._watchdog.start()
         self.dispatcher.start()
-        log.info("worker started: %d thread(s), instance %s", count, self.instance_id)
+        log.info(
+            "worker started: %s, instance %s",
+            ", ".join(f"{name} ({count} thread(s))" for name, count in self.slots.items()),
+            self.instance_id,
+        )
 
-    def _start_work_thread(self) -> None:
+    def _start_work_thread(self, queue_name: str) -> None:
         with self._lock:
             n = self._thread_count
             self._thread_count += 1
             thread = threading.Thread(
-                target=self._work_loop, name=f"taskapp-worker-{n}", daemon=True
+                target=self._work_loop,
+                args=(queue_name,),
+                name=f"taskapp-worker-{n}",
+                daemon=True,
             )
             self._threads.append(thread)
+            self._queue_of[thread] = queue_name
         thread.start()
 
     def begin_stop(self) -> None:
@@ -177,9 +205,9 @@ class Worker:
         self._stopping.set()
         self.dispatcher.stop_claiming()
         with self._lock:
-            idle_or_not = len(self._threads)
-        for _ in range(idle_or_not):
-            self._claims.put(None)
+            idle_or_not = [self._queue_of[thread] for thread in self._threads]
+        for name in idle_or_not:
+            self._claims[name].put(None)
 
     def stop(self, grace: float | None = None) -> int:
         """Stop claiming, let running tasks finish within the grace period, hand back the rest;
@@ -230,19 +258,20 @@ class Worker:
                 self._held[claimed.task.id] = claimed
         metrics.tasks_claimed(len(claims))
         for claimed in claims:
-            self._claims.put(claimed)
+            self._claims[claimed.task.queue].put(claimed)
 
-    def _work_loop(self) -> None:
+    def _work_loop(self, queue_name: str) -> None:
         me = threading.current_thread()
+        claims = self._claims[queue_name]
         while True:
-            claimed = self._claims.get()
+            claimed = claims.get()
             if claimed is None or self._stopping.is_set():
                 return  # a claim never started is still held: stop() hands it back
             self._process(claimed)
             with self._lock:
                 if me not in self._threads:
                     return  # abandoned at a timeout: its slot went to a new thread
-            self.dispatcher.slot_freed()
+            self.dispatcher.slot_freed(queue_name)
 
     def _process(self, claimed: Claim) -> None:
         """Run the task, then hand its result to the dispatcher or record how it failed."""
@@ -256,7 +285,7 @@ class Worker:
         running = self._begin(claimed, context)
         ending = Ending()
         try:
-            value = self.processor(task, context)
+            value = self._processors[task.queue](task, context)
             ending.result = encode_result(value, self.settings.result_max_bytes)
         except Defer as deferral:
             ending.deferral = deferral
@@ -382,6 +411,7 @@ class Worker:
                     self._held.pop(running.claim.task.id, None)
                     if running.thread in self._threads:
                         self._threads.remove(running.thread)
+                        self._queue_of.pop(running.thread, None)
                         self._abandoned.append(running.thread)
                 self._watch_until = next_due
             for running in overdue:
@@ -397,8 +427,8 @@ class Worker:
         task = running.claim.task
         running.context.cancel(CancelReason.TIMEOUT)
         if not self._stopping.is_set():
-            self._start_work_thread()
-            self.dispatcher.slot_freed()
+            self._start_work_thread(task.queue)
+            self.dispatcher.slot_freed(task.queue)
         log.warning(
             "task %d: its processor ignored its timeout of %gs; the attempt is failed and its "
             "thread abandoned to a new one (%d abandoned thread(s) still running)",
@@ -467,8 +497,14 @@ class Worker:
             delay_seconds=deferral.after_seconds,
             reason=describe_error(
                 Deferred(f"{reason} (runs again in {deferral.after_seconds:g}s)")
+                if not deferral.throttle
+                else Throttled(
+                    f"{reason} (its {'key' if claimed.task.concurrency_key else 'queue'} "
+                    f"starts nothing for {deferral.after_seconds:g}s)"
+                )
             ),
             max_deferrals=self.settings.max_deferrals,
+            throttle=deferral.throttle,
         )
 
     def _report(

@@ -23,6 +23,9 @@ TASK_FIELDS = [
     "updated_at",
     "processed_at",
     "processing_instance_id",
+    "queue",
+    "concurrency_key",
+    "started_at",
     "timeout_seconds",
     "deferrals",
     "progress",
@@ -41,7 +44,14 @@ CONVERSATION_FIELDS = [
     "result",
 ]
 # The tables an API request may write; `instances` belongs to running workers.
-API_TABLES = ("tasks", "conversations", "task_errors", "idempotency_keys")
+API_TABLES = (
+    "tasks",
+    "conversations",
+    "task_errors",
+    "idempotency_keys",
+    "queues",
+    "concurrency_keys",
+)
 _UTC_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00")
 
 

@@ -29,7 +29,7 @@ from taskapp.processor import Processor
 from taskapp.worker import Worker
 from tests.support import ROOT, Instance
 
-TABLES = "tasks, conversations, task_errors, instances, idempotency_keys"
+TABLES = "tasks, conversations, task_errors, instances, idempotency_keys, queues, concurrency_keys"
 
 # Whole modules in the slow tier: headless Chromium, the benchmarks, faults, outages and shutdowns
 # on several gunicorn processes, PostgreSQL restarts, run_local.py's stack.

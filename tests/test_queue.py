@@ -224,7 +224,8 @@ def test_claim_uses_the_partial_index_with_many_rows(database, db_conn):
         "lease_tokens": [],
         "results": [],
         "instance_id": "a",
-        "limit": 1,
+        "queues": ["default"],
+        "limits": [1],
         "lease_seconds": 30,
     }
     explain = "EXPLAIN " + statement("complete_and_claim")
@@ -277,15 +278,17 @@ def test_complete_and_claim_finishes_one_and_leases_the_next(database, db_conn):
     first_id = add_task(db_conn, "first", conversations=("a",))
     second_id = add_task(db_conn, "second")
     first = claim_one(database, "a")
-    (outcome,), claims = queue.complete_and_claim_many(
-        database, [(first, None)], instance_id="a", limit=1, lease_seconds=30
+    done = queue.complete_and_claim_many(
+        database, [(first, None)], instance_id="a", limits={"default": 1}, lease_seconds=30
     )
+    (outcome,), claims = done.outcomes, done.claims
     assert outcome.applied
     assert [c.task.id for c in claims] == [second_id]
     assert task_row(db_conn, first_id)["status"] == "completed"
     assert task_row(db_conn, second_id)["status"] == "processing"
     # Nothing left to claim, and a stale token: no completion, no claim, still one row back.
-    (outcome,), claims = queue.complete_and_claim_many(
-        database, [(first, None)], instance_id="a", limit=1, lease_seconds=30
+    done = queue.complete_and_claim_many(
+        database, [(first, None)], instance_id="a", limits={"default": 1}, lease_seconds=30
     )
+    (outcome,), claims = done.outcomes, done.claims
     assert (outcome.applied, claims) == (False, [])

@@ -235,7 +235,8 @@ def test_a_checkpoint_after_the_lease_was_lost_raises_lease_lost(run_worker, db_
             raise
 
     worker, _ = run_worker(processor)
-    wait_for(lambda: status_of(db_conn, task_id) == "processing", what="the claim")
+    # Held by the worker (not just processing in the database, which comes first).
+    wait_for(lambda: worker.current_task_ids == [task_id], what="the claim")
     db_conn.execute("UPDATE tasks SET lease_token = gen_random_uuid() WHERE id = %s", (task_id,))
     taken.set()
     wait_for(lambda: worker.current_task_ids == [], what="the worker letting go")

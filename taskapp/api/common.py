@@ -9,8 +9,9 @@ from flask import Response, current_app, request
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
-from ..config import Settings
+from ..config import QUEUE_NAME, Settings
 from ..errors import BadRequest, UnsupportedMediaType
+from ..models import CONCURRENCY_KEY_MAX_LENGTH
 from ..schemas import BIGINT_MAX
 
 
@@ -29,6 +30,19 @@ class PositiveIdConverter(BaseConverter):
 
     def to_url(self, value: Any) -> str:
         return str(int(value))
+
+
+class QueueNameConverter(BaseConverter):
+    """`<queue:name>`: a queue's name; anything else is a 404."""
+
+    regex = QUEUE_NAME.pattern
+
+
+class ConcurrencyKeyConverter(BaseConverter):
+    """`<concurrency_key:key>`: visible ASCII, `/` included ("openai/gpt-4o")."""
+
+    regex = rf"[!-~]{{1,{CONCURRENCY_KEY_MAX_LENGTH}}}"
+    part_isolating = False
 
 
 def _reject_constant(name: str) -> None:

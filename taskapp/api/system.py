@@ -47,7 +47,10 @@ def status():
             "worker": {
                 "enabled": settings.worker_enabled,
                 "running": bool(worker and worker.running),
-                "concurrency": settings.worker_concurrency if settings.worker_enabled else 0,
+                "concurrency": sum(settings.served_queues.values())
+                if settings.worker_enabled
+                else 0,
+                "queues": settings.served_queues if settings.worker_enabled else {},
                 "current_task": current_ids[0] if current_ids else None,
                 "current_tasks": current_ids,
                 "processed": worker.processed_count if worker else 0,

@@ -4,10 +4,14 @@
 -- go out only on commit; given the run_after of a pending task due soon, it wakes idle workers.
 
 -- name: complete_and_claim
--- Finish tasks for their lease holders, then lease the most urgent due pending tasks (lock,
--- update, return), in one round trip: the dispatcher's every round (taskapp/dispatcher.py).
--- :task_ids, :lease_tokens and :results are parallel arrays of the completions (empty: a
--- plain claim); :limit 0 claims nothing. One row per new claim, or a single row of NULLs
+-- Finish tasks for their lease holders, then lease the most urgent due pending tasks of each
+-- queue this instance serves (lock, admit, update, return), in one round trip: the
+-- dispatcher's every round (taskapp/dispatcher.py). :task_ids, :lease_tokens and :results
+-- are parallel arrays of the completions (empty: a plain claim); :queues and :limits say how
+-- many tasks of each queue to claim (0: none). Candidates skip paused, throttled or
+-- rate-exhausted queues and the keys taskapp_blocked_keys() names (no head-of-line
+-- blocking); taskapp_admit() (migration 0007) decides which candidates may start, and
+-- `refused` counts the others, so the dispatcher tries again at once. One row per new claim, or a single row of NULLs
 -- with none; every row carries `finished`, a JSON array of {"id", "status"} for each
 -- completion that applied (one missing: lease lost or task deleted). A finish's status is
 -- `completed`, or `pending` when conversations the attempt never saw (added or edited after
@@ -61,13 +65,35 @@ WITH finishing AS (
                            id, status, :instance_id, NULL,
                            CASE WHEN status = 'pending' THEN run_after END) AS notified
     FROM done
+), blocked AS (
+    SELECT b.queue, b.key FROM taskapp_blocked_keys(CAST(:queues AS text[])) AS b
+), closed AS (
+    SELECT name FROM queues
+    WHERE name = ANY(CAST(:queues AS text[]))
+      AND (paused OR rate_ready_at > now() OR throttled_until > now())
 ), next AS (
-    SELECT id
-    FROM tasks
-    WHERE status = 'pending' AND run_after <= now()
-    ORDER BY priority DESC, id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
+    SELECT c.id, c.queue, c.concurrency_key, c.priority
+    FROM unnest(CAST(:queues AS text[]), CAST(:limits AS integer[])) AS q(name, wanted)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.queue, t.concurrency_key, t.priority
+        FROM tasks AS t
+        WHERE t.status = 'pending' AND t.queue = q.name AND t.run_after <= now()
+          AND q.wanted > 0
+          AND NOT EXISTS (SELECT 1 FROM closed WHERE closed.name = q.name)
+          AND (t.concurrency_key IS NULL
+               OR NOT EXISTS (SELECT 1 FROM blocked AS b
+                              WHERE b.queue = t.queue AND b.key = t.concurrency_key))
+        ORDER BY t.priority DESC, t.id
+        LIMIT q.wanted
+        FOR UPDATE OF t SKIP LOCKED
+    ) AS c
+), admitted AS (
+    SELECT a.task_id, a.started_at
+    FROM (SELECT array_agg(id ORDER BY priority DESC, id) AS ids,
+                 array_agg(queue ORDER BY priority DESC, id) AS queues,
+                 array_agg(concurrency_key ORDER BY priority DESC, id) AS keys
+          FROM next) AS n
+    CROSS JOIN LATERAL taskapp_admit(n.ids, n.queues, n.keys) AS a
 ), claimed AS (
     UPDATE tasks AS t
     SET status = 'processing',
@@ -75,19 +101,21 @@ WITH finishing AS (
         processing_instance_id = :instance_id,
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        started_at = admitted.started_at,
         claim_snapshot = (SELECT coalesce(jsonb_object_agg(CAST(v.id AS text), v.revision), '{}')
                           FROM conversations AS v
                           WHERE v.task_id = t.id AND v.status = 'active'),
         updated_at = now()
-    FROM next
-    WHERE t.id = next.id
+    FROM admitted
+    WHERE t.id = admitted.task_id
     RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token,
-              t.timeout_seconds
+              t.timeout_seconds, t.queue, t.concurrency_key
 )
 SELECT (SELECT coalesce(json_agg(json_build_object('id', id, 'status', status)), '[]')
         FROM completion) AS finished,
+       (SELECT count(*) FROM next) - (SELECT count(*) FROM admitted) AS refused,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
-       c.timeout_seconds,
+       c.timeout_seconds, c.queue, c.concurrency_key,
        (SELECT coalesce(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id),
                         '[]'::json)
         FROM conversations AS v
@@ -160,10 +188,27 @@ WHERE t.id = :task_id AND t.lease_token = :lease_token;
 -- Put a claimed task back to pending for :delay seconds without spending its attempt, for the
 -- lease holder, while it has deferrals left, recording why in its error history. `held` 0:
 -- the lease is lost; `deferred` 0: MAX_DEFERRALS reached (the worker fails the attempt).
+-- :throttle also holds back its key (its queue, without a key) for as long, cluster-wide.
 WITH held AS (
-    SELECT id, deferrals FROM tasks
+    SELECT id, deferrals, queue, concurrency_key FROM tasks
     WHERE id = :task_id AND lease_token = :lease_token
     FOR UPDATE
+), throttled_key AS (
+    INSERT INTO concurrency_keys AS k (queue, key, throttled_until, throttle_reason)
+    SELECT queue, concurrency_key, now() + make_interval(secs => :delay), :reason
+    FROM held
+    WHERE :throttle AND concurrency_key IS NOT NULL
+    ON CONFLICT (queue, key) DO UPDATE
+    SET throttled_until = greatest(k.throttled_until, excluded.throttled_until),
+        throttle_reason = excluded.throttle_reason
+), throttled_queue AS (
+    INSERT INTO queues AS q (name, throttled_until, throttle_reason)
+    SELECT queue, now() + make_interval(secs => :delay), :reason
+    FROM held
+    WHERE :throttle AND concurrency_key IS NULL
+    ON CONFLICT (name) DO UPDATE
+    SET throttled_until = greatest(q.throttled_until, excluded.throttled_until),
+        throttle_reason = excluded.throttle_reason
 ), deferred AS (
     UPDATE tasks AS t
     SET status = 'pending',
@@ -279,13 +324,30 @@ SELECT id, status,
 FROM rescued;
 
 -- name: seconds_until_next_due
--- How long until the earliest pending task becomes claimable (NULL when none is waiting).
+-- How long until a pending task of :queues may become claimable (NULL when none is waiting):
+-- its run_after, or when its throttled or rate-limited queue or key may start one again. A
+-- key at its concurrency limit wakes the workers when one of its tasks finishes instead.
 -- (greatest() skips NULLs: without the CASE an empty queue would read as "due now", and idle
 -- workers would spin.)
-SELECT CASE WHEN min(run_after) IS NOT NULL
-            THEN greatest(extract(epoch FROM min(run_after) - now()), 0) END AS seconds
-FROM tasks
-WHERE status = 'pending';
+WITH blocked AS (
+    SELECT b.queue, b.key, b.until FROM taskapp_blocked_keys(CAST(:queues AS text[])) AS b
+), closed AS (
+    SELECT name, paused, greatest(rate_ready_at, throttled_until) AS until FROM queues
+    WHERE name = ANY(CAST(:queues AS text[]))
+      AND (paused OR rate_ready_at > now() OR throttled_until > now())
+), next AS (
+    SELECT least(
+        (SELECT min(t.run_after) FROM tasks AS t
+         WHERE t.status = 'pending' AND t.queue = ANY(CAST(:queues AS text[]))
+           AND t.queue NOT IN (SELECT name FROM closed)
+           AND (t.concurrency_key IS NULL
+                OR NOT EXISTS (SELECT 1 FROM blocked AS b
+                               WHERE b.queue = t.queue AND b.key = t.concurrency_key))),
+        (SELECT min(until) FROM blocked),
+        (SELECT min(until) FROM closed WHERE NOT paused)) AS at
+)
+SELECT CASE WHEN at IS NOT NULL THEN greatest(extract(epoch FROM at - now()), 0) END AS seconds
+FROM next;
 
 -- name: heartbeat
 -- Record that an instance is alive, with what its worker is doing.

@@ -13,14 +13,16 @@ SELECT t.id, {{ task_json(t) }}::text AS json FROM tasks AS t WHERE t.id = :task
 SELECT status FROM tasks WHERE id = :task_id;
 
 -- name: list_tasks
--- A page of tasks ordered by id, and the total from the counts the triggers keep
--- (migration 0002): the same cost at any table size.
+-- A page of tasks ordered by id, of one status and/or queue, and the total from the counts
+-- the triggers keep (migrations 0002, 0007): the same cost at any table size.
 SELECT (SELECT coalesce(sum(n), 0) FROM task_counts
-        WHERE CAST(:status AS text) IS NULL OR status = :status) AS total,
+        WHERE (CAST(:status AS text) IS NULL OR status = :status)
+          AND (CAST(:queue AS text) IS NULL OR queue = :queue)) AS total,
        (SELECT coalesce(json_agg(item ORDER BY id), '[]')::text
         FROM (SELECT t.id, {{ task_list_item_json(t) }} AS item
               FROM tasks AS t
-              WHERE CAST(:status AS text) IS NULL OR t.status = :status
+              WHERE (CAST(:status AS text) IS NULL OR t.status = :status)
+                AND (CAST(:queue AS text) IS NULL OR t.queue = :queue)
               ORDER BY t.id
               LIMIT :limit OFFSET :offset) AS page) AS json;
 
@@ -28,10 +30,10 @@ SELECT (SELECT coalesce(sum(n), 0) FROM task_counts
 -- Insert a pending task and its conversations, send task.created, return the task's JSON.
 WITH t AS (
     INSERT INTO tasks (title, description, priority, scheduled_for, run_after, max_attempts,
-                       timeout_seconds)
+                       timeout_seconds, queue, concurrency_key)
     VALUES (:title, :description, :priority, :scheduled_for,
             coalesce(CAST(:scheduled_for AS timestamptz), now()), :max_attempts,
-            :timeout_seconds)
+            :timeout_seconds, :queue, :concurrency_key)
     RETURNING *
 ), c AS (
     INSERT INTO conversations (task_id, content)
@@ -62,6 +64,8 @@ UPDATE idempotency_keys SET task_id = :task_id, response = CAST(:json AS json) W
 
 -- name: update_task
 -- Change the fields flagged set_*; a new scheduled_for also moves a pending task's run time.
+-- A processing task keeps its queue and key (no row: the task is processing, or missing), so
+-- what runs per key is always what its claims admitted.
 WITH u AS (
     UPDATE tasks
     SET title = CASE WHEN :set_title THEN :title ELSE title END,
@@ -77,13 +81,18 @@ WITH u AS (
                             THEN CAST(:max_attempts AS integer) ELSE max_attempts END,
         timeout_seconds = CASE WHEN :set_timeout_seconds
                                THEN CAST(:timeout_seconds AS integer) ELSE timeout_seconds END,
+        queue = CASE WHEN :set_queue THEN CAST(:queue AS text) ELSE queue END,
+        concurrency_key = CASE WHEN :set_concurrency_key
+                               THEN CAST(:concurrency_key AS text) ELSE concurrency_key END,
         updated_at = now()
     WHERE id = :task_id
+      AND NOT ((:set_queue OR :set_concurrency_key) AND status = 'processing')
     RETURNING *
 )
 SELECT u.id, {{ task_json(u) }}::text AS json,
        taskapp_publish('task.updated', u.id, u.status, :instance_id, NULL,
-                       CASE WHEN :set_scheduled_for THEN u.run_after END) AS notified
+                       CASE WHEN :set_scheduled_for OR :set_queue OR :set_concurrency_key
+                            THEN u.run_after END) AS notified
 FROM u;
 
 -- name: delete_task
