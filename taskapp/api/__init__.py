@@ -26,6 +26,3 @@ def init_app(app: Flask) -> None:
     app.before_request(refuse_foreign_bodies)
     for name in BLUEPRINTS:
         app.register_blueprint(import_module(name).bp)
-    # The WebSocket route lives on the events blueprint; flask-sock needs its app hook too.
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
-    import_module("taskapp.api.events").sock.init_app(app)
