@@ -21,12 +21,16 @@ MAX_ATTEMPTS_LIMIT = 100
 # Conversations one create may carry: checked before any of them is validated, so a body of
 # 65,000 tiny conversations costs a length check, not seconds of validation and a 6 MB 422.
 MAX_CONVERSATIONS_PER_REQUEST = 1000
+# Conversations one task may have, however they came (more through POST
+# /tasks/{id}/conversations/ is a 409): a claim hands them all to the processor at once.
+MAX_CONVERSATIONS_PER_TASK = 10_000
 TIMEOUT_SECONDS_LIMIT = 7 * 24 * 3600
 LIST_LIMIT_MAX = 1000
 LIST_LIMIT_DEFAULT = 100
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # Visible ASCII with inner spaces: HTTP would strip outer whitespace and mangle non-ASCII.
-IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+# No comma: a server joins a header sent twice with one (api.common.refuse_repeated_headers).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-+\--~]([ -+\--~]*[!-+\--~])?$"
 
 # Exactly the characters for which str.isspace() is true, spelled as escapes that mean the same
 # in Python's `re` and in the ECMA-262 regexes of JSON Schema, so both sides agree on "blank".

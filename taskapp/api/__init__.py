@@ -6,7 +6,7 @@ from importlib import import_module
 
 from flask import Flask
 
-from .common import PositiveIdConverter, refuse_foreign_bodies
+from .common import PositiveIdConverter, refuse_foreign_bodies, refuse_repeated_headers
 
 # One module per resource, each exposing `bp`. Add new ones here.
 BLUEPRINTS = [
@@ -24,5 +24,6 @@ def init_app(app: Flask) -> None:
     # `/tasks//1` must be a 404 like any other unknown path, not a redirect to `/tasks/1`.
     app.url_map.merge_slashes = False
     app.before_request(refuse_foreign_bodies)
+    app.before_request(refuse_repeated_headers)
     for name in BLUEPRINTS:
         app.register_blueprint(import_module(name).bp)
