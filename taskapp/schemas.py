@@ -121,9 +121,23 @@ class Timestamp(fields.DateTime):
         return value.astimezone(UTC).isoformat()
 
 
+# Unknown fields an input object may carry and still be validated field by field: each is an
+# error of its own, and 80,000 of them in a 1 MiB body cost 0.3 s and a 2.4 MB 422.
+MAX_UNKNOWN_FIELDS = 20
+
+
 class _Input(Schema):
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _bound_fields(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict) and len(data) > len(self.load_fields) + MAX_UNKNOWN_FIELDS:
+            raise ValidationError(
+                f"{len(data)} fields, of which at most {len(self.load_fields)} are known: "
+                "not validated one by one."
+            )
+        return data
 
 
 class ConversationCreate(_Input):

@@ -153,11 +153,11 @@ def test_an_object_with_too_many_fields_is_one_422_at_once(client: FlaskClient) 
     response = client.post("/tasks/", json=body)
     elapsed = time.perf_counter() - started
     problem = assert_problem(response, 422, "_schema")
-    assert "More than 64 fields" in problem["errors"]["_schema"][0]
+    assert "80001 fields, of which at most" in problem["errors"]["_schema"][0]
     assert len(response.get_data()) < 1000
     assert elapsed < 0.3
     # Nested objects too, named by their path.
-    wide = {"title": "t", "conversations": [{"content": "c"}, {f"k{n}": 0 for n in range(65)}]}
+    wide = {"title": "t", "conversations": [{"content": "c"}, {f"k{n}": 0 for n in range(22)}]}
     assert assert_problem(client.post("/tasks/", json=wide), 422, "conversations.1")
 
 
