@@ -81,10 +81,9 @@ def worker_exit(server, worker):
     if isinstance(leaving, SystemExit) and leaving.code in (0, None):
         # The stop is complete: tasks finished or handed back, every request answered or its
         # connection closed by gunicorn. Leave now rather than through interpreter shutdown,
-        # which waits for non-daemon threads - simple-websocket's reader of a WebSocket whose
-        # client never answers the close frame sleeps up to its 25 s ping interval, so the
-        # master SIGKILLs us only at graceful_timeout - and then spends about a second
-        # garbage-collecting the heap that the OS frees at once anyway.
+        # which joins every non-daemon thread (gunicorn's request threads, one of them maybe
+        # still in a stream's last write) and then spends about a second garbage-collecting
+        # the heap that the OS frees at once anyway.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

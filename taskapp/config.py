@@ -128,6 +128,9 @@ class Settings:
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
     event_keepalive_seconds: float = 15.0
+    # How long a write to an event stream's client may wait for room in its socket buffer
+    # before the client counts as stalled and is disconnected.
+    event_send_timeout_seconds: float = 5.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
@@ -159,6 +162,7 @@ class Settings:
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
+            "EVENT_SEND_TIMEOUT_SECONDS": ("event_send_timeout_seconds", float, 0.1),
         }
         for name, (attr, kind, minimum) in numbers.items():
             if (raw := get(name)) is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
+from itertools import islice
 from typing import Any
 
 import psycopg
 from flask import Flask, Response, current_app, request
+from gunicorn.http.errors import ParseException
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -119,13 +121,29 @@ def _handle_http(error: HTTPException) -> Response | HTTPException:
     return problem(error.code, error.description or HTTPStatus(error.code).phrase, headers=headers)
 
 
+def _handle_malformed_body(error: ParseException) -> Response:
+    # gunicorn parses a chunked body only as the application reads it, so a bad chunk size,
+    # a missing CRLF or a bad extension reaches us as its parser's exception. gunicorn then
+    # closes the connection: where the next request would start is unknown.
+    return problem(400, f"The request body is malformed: {error}.")
+
+
 def _handle_api_error(error: ApiError) -> Response:
     return problem(error.status, error.detail, errors=error.errors, headers=error.headers)
 
 
+# The most invalid fields one 422 names: a body of 1,000 conversations, each wrong three ways,
+# is a 422 of 100 of its errors (and how many more there were), not of 140 KB.
+MAX_REPORTED_ERRORS = 100
+
+
 def _handle_validation(error: ValidationError) -> Response:
     errors = flatten_messages(error.messages)
-    fields = ", ".join(errors)
+    fields = ", ".join(islice(errors, MAX_REPORTED_ERRORS))
+    if len(errors) > MAX_REPORTED_ERRORS:
+        more = len(errors) - MAX_REPORTED_ERRORS
+        errors = dict(islice(errors.items(), MAX_REPORTED_ERRORS))
+        return problem(422, f"Invalid input: {fields} and {more} more fields.", errors=errors)
     return problem(422, f"Invalid input: {fields}.", errors=errors)
 
 
@@ -158,6 +176,7 @@ def init_app(app: Flask) -> None:
     """Register the problem+json handlers."""
     app.register_error_handler(HTTPException, _handle_http)
     app.register_error_handler(ApiError, _handle_api_error)
+    app.register_error_handler(ParseException, _handle_malformed_body)
     app.register_error_handler(ValidationError, _handle_validation)
     app.register_error_handler(psycopg.Error, _handle_database_error)
     app.register_error_handler(Exception, _handle_unexpected)

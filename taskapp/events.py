@@ -50,13 +50,20 @@ class TooManyStreams(Exception):
 
 
 class Subscription:
-    """One client's bounded queue of events; a client that falls behind is cut off."""
+    """One client's bounded queue of events; a client that falls behind is cut off.
+
+    Two things end separately: the events (close(): a cut-off, a shutdown, the client gone)
+    and the stream's slot, held until the request that serves the stream returns (release(),
+    on leaving the `with` block), since until then it holds one of the instance's threads.
+    """
 
     def __init__(self, broker: Broker, task_id: int | None, maxsize: int) -> None:
         self._broker = broker
         self.task_id = task_id
         self.queue: queue.Queue[dict[str, object] | None] = queue.Queue(maxsize=maxsize)
         self.closed = False
+        # Why the events stopped, for the client's close frame and the log.
+        self.cut_off = False
 
     def offer(self, event: dict[str, object]) -> None:
         if self.task_id is not None and event.get("task_id") != self.task_id:
@@ -65,6 +72,7 @@ class Subscription:
             self.queue.put_nowait(event)
         except queue.Full:
             # A slow client must not hold anyone up: drop it; it can reconnect.
+            self.cut_off = True
             self.close()
 
     def get(self, timeout: float) -> dict[str, object] | None:
@@ -77,6 +85,7 @@ class Subscription:
             return None
 
     def close(self) -> None:
+        """No more events for this stream (its slot stays held until release())."""
         if not self.closed:
             self.closed = True
             self._broker.unsubscribe(self)
@@ -84,39 +93,61 @@ class Subscription:
             with contextlib.suppress(queue.Full):
                 self.queue.put_nowait(None)
 
+    def release(self) -> None:
+        """The request serving this stream is done: its slot is free."""
+        self.close()
+        self._broker.release(self)
+
     def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.release()
 
 
 class Broker:
-    """Fans events from the listener out to this instance's stream clients."""
+    """Fans events from the listener out to this instance's stream clients.
+
+    `open_streams` counts the streams whose requests still run, cut off or not: each holds a
+    thread, so that is what MAX_EVENT_STREAMS bounds.
+    """
 
     def __init__(self, max_streams: int, queue_size: int = 1000) -> None:
         self.max_streams = max_streams
         self.queue_size = queue_size
         self._lock = threading.Lock()
-        self._subscriptions: set[Subscription] = set()
+        self._subscriptions: set[Subscription] = set()  # those still getting events
+        self._streams: set[Subscription] = set()  # those holding a slot
         self._closed = False
 
     @property
     def open_streams(self) -> int:
         with self._lock:
+            return len(self._streams)
+
+    @property
+    def receiving(self) -> int:
+        """How many streams still get events."""
+        with self._lock:
             return len(self._subscriptions)
 
     def subscribe(self, task_id: int | None = None) -> Subscription:
         with self._lock:
-            if self._closed or len(self._subscriptions) >= self.max_streams:
+            if self._closed or len(self._streams) >= self.max_streams:
                 raise TooManyStreams
             subscription = Subscription(self, task_id, self.queue_size)
             self._subscriptions.add(subscription)
+            self._streams.add(subscription)
             return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
             self._subscriptions.discard(subscription)
+
+    def release(self, subscription: Subscription) -> None:
+        with self._lock:
+            self._subscriptions.discard(subscription)
+            self._streams.discard(subscription)
 
     def publish(self, event: dict[str, object]) -> None:
         with self._lock:
@@ -213,7 +244,7 @@ class Listener:
                 delay = min(delay * 2, 5.0)
 
     def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
-        wanted = self.broker.open_streams > 0
+        wanted = self.broker.receiving > 0
         if wanted and not self.listening_to_events.is_set():
             self.database.listen(conn, EVENTS_CHANNEL)
             self.listening_to_events.set()
@@ -229,7 +260,7 @@ class Listener:
             if payload.isascii() and payload.isdigit():
                 self.on_cancel(int(payload))
             return
-        if channel != EVENTS_CHANNEL or self.broker.open_streams == 0:
+        if channel != EVENTS_CHANNEL or self.broker.receiving == 0:
             return  # nobody listens here (any more): skip the parsing
         try:
             event = json.loads(payload)

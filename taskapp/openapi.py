@@ -85,7 +85,7 @@ IDEMPOTENCY_KEY = {
     "description": (
         "Makes the create safe to repeat: a repeat with the same key and body returns the first "
         "response (same status and body) instead of creating another task; the same key with "
-        "another body is a 422."
+        "another body is a 422. One key: a comma in it reads as the header sent twice, a 400."
     ),
     "schema": {
         "type": "string",
@@ -261,10 +261,15 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "create_conversation",
             "tags": ["conversations"],
             "summary": "Add a conversation to a task",
+            "description": (
+                f"A task has at most {schemas.MAX_CONVERSATIONS_PER_TASK} conversations: "
+                "one more is a 409."
+            ),
             "requestBody": _body("ConversationCreate", "The new conversation."),
             "responses": _responses(
                 {"201": _ok("ConversationOut", "The conversation.", links=_CONVERSATION_LINKS)},
                 "404",
+                "409",
                 *BODY_ERRORS,
             ),
         },
@@ -439,6 +444,11 @@ PATHS: dict[str, dict[str, Any]] = {
             "tags": ["system"],
             "security": STREAM_KEY,
             "summary": "WebSocket: the same events as /events, one JSON text message each",
+            "description": (
+                "A refusal (a bad `task_id`, too many streams) is an HTTP answer before the "
+                "upgrade. A client that reads nothing for EVENT_SEND_TIMEOUT_SECONDS is "
+                "disconnected; one that falls 1,000 events behind gets close code 1013."
+            ),
             "responses": _responses(
                 {
                     "101": {"description": "Switching Protocols; then one Event per message."},

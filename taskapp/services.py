@@ -20,6 +20,7 @@ from . import states
 from .config import DEFAULT_QUEUE
 from .database import Database
 from .errors import Conflict, NotFound
+from .schemas import MAX_CONVERSATIONS_PER_TASK
 
 # The fields a PUT /tasks/{id} may change, each a column of the same name; the input schema
 # (schemas.TaskUpdate) validates them and tests check that the two agree.
@@ -236,9 +237,21 @@ def _conversation_not_found(conversation_id: int) -> NotFound:
 def create_conversation(
     *, database: Database, task_id: int, data: Mapping[str, Any], instance_id: str | None
 ) -> Rendered:
-    """Add a conversation to a task; NotFound if the task does not exist."""
-    params = {"task_id": task_id, "content": data["content"], "instance_id": instance_id}
-    return _rendered(database.fetchone("create_conversation", params), _task_not_found, task_id)
+    """Add a conversation to a task; NotFound if the task does not exist, Conflict if it has
+    MAX_CONVERSATIONS_PER_TASK already."""
+    params = {
+        "task_id": task_id,
+        "content": data["content"],
+        "instance_id": instance_id,
+        "max_conversations": MAX_CONVERSATIONS_PER_TASK,
+    }
+    row = database.fetchone("create_conversation", params)
+    if row is not None and row.id is None:
+        raise Conflict(
+            f"Task {task_id} has {MAX_CONVERSATIONS_PER_TASK} conversations, the most a task "
+            "may have."
+        )
+    return _rendered(row, _task_not_found, task_id)
 
 
 def list_conversations(*, database: Database, task_id: int) -> str:

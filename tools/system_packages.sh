@@ -1,12 +1,13 @@
 # Sourced by test.sh: the Debian packages some tests drive (Chromium for the dashboard's browser
-# tests, wrk for the benchmarks' smoke test), installed with apt-get when missing and possible.
+# tests, wrk for the benchmarks' smoke test, nginx for the slowloris test through
+# deploy/nginx.conf), installed with apt-get when missing and possible.
 # Where they can't be installed, those tests fail saying what is missing; none is skipped.
 
-SYSTEM_PACKAGES=(chromium chromium-driver wrk)
+SYSTEM_PACKAGES=(chromium chromium-driver wrk nginx)
 
 ensure_system_packages() {
     if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-        && command -v wrk >/dev/null; then
+        && command -v wrk >/dev/null && { command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null; then
         return 0
     fi
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -11,6 +11,7 @@ from .common import (
     PositiveIdConverter,
     QueueNameConverter,
     refuse_foreign_bodies,
+    refuse_repeated_headers,
 )
 
 # One module per resource, each exposing `bp`. Add new ones here.
@@ -32,8 +33,6 @@ def init_app(app: Flask) -> None:
     # `/tasks//1` must be a 404 like any other unknown path, not a redirect to `/tasks/1`.
     app.url_map.merge_slashes = False
     app.before_request(refuse_foreign_bodies)
+    app.before_request(refuse_repeated_headers)
     for name in BLUEPRINTS:
         app.register_blueprint(import_module(name).bp)
-    # The WebSocket route lives on the events blueprint; flask-sock needs its app hook too.
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
-    import_module("taskapp.api.events").sock.init_app(app)

@@ -73,11 +73,7 @@ def json_object() -> dict[str, Any]:
             "Send the body as JSON, with Content-Type: application/json.",
             errors={"Content-Type": [f"Not JSON: {request.mimetype or 'none given'}."]},
         )
-    raw = request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
-    limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        # A streamed (chunked) body is silently cut at the limit: reaching it means too big.
-        raise RequestEntityTooLarge()
+    raw = _body()
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -85,6 +81,39 @@ def json_object() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+def _body() -> bytes:
+    """The request's bytes; a 413 beyond MAX_CONTENT_LENGTH, whether it says its length
+    (Content-Length) or not (chunked)."""
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None:
+        # werkzeug cuts a streamed body at the limit without saying whether there was more:
+        # read one byte past it from the server's stream to find out.
+        if "wsgi.input_terminated" not in request.environ:
+            return b""  # a server that doesn't end the stream for us: don't read it unbounded
+        raw: bytes = request.environ["wsgi.input"].read(limit + 1)
+        if len(raw) > limit:
+            raise RequestEntityTooLarge()
+        return raw
+    return request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
+
+
+_SINGLE_HEADERS = ("Idempotency-Key",)
+
+
+def refuse_repeated_headers() -> None:
+    """before_request: a header that carries one value, sent more than once, is a 400.
+
+    The server joins repeated fields with a comma (RFC 9110, section 5.3), so a comma in one
+    of these is a repeat, whatever the client meant: a key must not be read as another."""
+    for name in _SINGLE_HEADERS:
+        value = request.headers.get(name)
+        if value is not None and "," in value:
+            raise BadRequest(
+                f"Send the {name} header once, with one value.",
+                errors={name: ["Sent more than once (or with a comma in it)."]},
+            )
 
 
 def settings() -> Settings:

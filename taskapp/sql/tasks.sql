@@ -152,18 +152,23 @@ SELECT u.id, {{ task_json(u) }}::text AS json,
 FROM u;
 
 -- name: create_conversation
--- Add a conversation to a task (no row: no such task), send conversation.created.
+-- Add a conversation to a task that has fewer than :max_conversations, send
+-- conversation.created (no row: no such task; id NULL: the task is full).
 WITH t AS (
     -- FOR KEY SHARE: the task can't be deleted meanwhile, yet workers can still update it.
-    SELECT id, status FROM tasks WHERE id = :task_id FOR KEY SHARE
+    -- (So concurrent adds may each see room: the cap can be passed by as many at once.)
+    SELECT id, status, (SELECT count(*) FROM conversations WHERE task_id = tasks.id) AS count
+    FROM tasks WHERE id = :task_id FOR KEY SHARE
 ), c AS (
     INSERT INTO conversations (task_id, content)
-    SELECT id, :content FROM t
+    SELECT id, :content FROM t WHERE t.count < :max_conversations
     RETURNING *
 )
-SELECT c.id, {{ conversation_json(c) }}::text AS json,
-       taskapp_publish('conversation.created', t.id, t.status, :instance_id, c.id) AS notified
-FROM c, t;
+SELECT c.id, CASE WHEN c.id IS NOT NULL THEN {{ conversation_json(c) }}::text END AS json,
+       CASE WHEN c.id IS NOT NULL
+            THEN taskapp_publish('conversation.created', t.id, t.status, :instance_id, c.id)
+       END AS notified
+FROM t LEFT JOIN c ON true;
 
 -- name: list_conversations
 -- A task's conversations ordered by id; task_status NULL: no such task.
