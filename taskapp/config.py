@@ -47,6 +47,10 @@ class Settings:
     """Everything an instance can be told through its environment."""
 
     database_url: str = DEFAULT_DATABASE_URL
+    # The LISTEN connection's database, when statements go through a pooler in transaction
+    # mode (PgBouncer) that can't keep a LISTEN: the same database, reached directly. None:
+    # DATABASE_URL.
+    listen_database_url: str | None = None
     processing_min_seconds: float = 6.0
     processing_max_seconds: float = 7.0
     task_processor: str = "taskapp.processor:simulate_work"
@@ -72,6 +76,9 @@ class Settings:
     max_event_streams: int = 100
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
+    # psycopg prepares a statement run five times; off behind PgBouncer in transaction mode
+    # (before 1.21, or without max_prepared_statements), where that fails.
+    db_prepared_statements: bool = True
     event_keepalive_seconds: float = 15.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -87,6 +94,8 @@ class Settings:
         values: dict[str, Any] = {}
         if (url := get("DATABASE_URL")) is not None:
             values["database_url"] = url
+        if (url := get("LISTEN_DATABASE_URL")) is not None:
+            values["listen_database_url"] = url
         numbers = {
             "PROCESSING_MIN_SECONDS": ("processing_min_seconds", float, 0),
             "PROCESSING_MAX_SECONDS": ("processing_max_seconds", float, 0),
@@ -108,7 +117,12 @@ class Settings:
         for name, (attr, kind, minimum) in numbers.items():
             if (raw := get(name)) is not None:
                 values[attr] = _parse_number(name, raw, kind, minimum)
-        for name, attr in (("WORKER_ENABLED", "worker_enabled"), ("AUTO_MIGRATE", "auto_migrate")):
+        flags = (
+            ("WORKER_ENABLED", "worker_enabled"),
+            ("AUTO_MIGRATE", "auto_migrate"),
+            ("DB_PREPARED_STATEMENTS", "db_prepared_statements"),
+        )
+        for name, attr in flags:
             if (raw := get(name)) is not None:
                 values[attr] = _parse_bool(name, raw)
         if (processor := get("TASK_PROCESSOR")) is not None:
@@ -130,7 +144,19 @@ class Settings:
         url = normalize_database_url(self.database_url)
         if not url.startswith("postgresql+psycopg://"):
             raise ConfigError("DATABASE_URL must be a postgresql:// URL")
-        return self if url == self.database_url else replace(self, database_url=url)
+        listen_url = self.listen_database_url
+        if listen_url is not None:
+            listen_url = normalize_database_url(listen_url)
+            if not listen_url.startswith("postgresql+psycopg://"):
+                raise ConfigError("LISTEN_DATABASE_URL must be a postgresql:// URL")
+        if (url, listen_url) == (self.database_url, self.listen_database_url):
+            return self
+        return replace(self, database_url=url, listen_database_url=listen_url)
+
+    @property
+    def listen_url(self) -> str:
+        """The LISTEN connection's database: LISTEN_DATABASE_URL, else DATABASE_URL."""
+        return self.listen_database_url or self.database_url
 
     @property
     def heartbeat_seconds(self) -> float:

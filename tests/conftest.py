@@ -28,6 +28,7 @@ from taskapp.housekeeper import Housekeeper
 from taskapp.processor import Processor
 from taskapp.worker import Worker
 from tests.support import ROOT, Instance
+from tools.pgbouncer import PgBouncer
 
 TABLES = "tasks, conversations, task_errors, instances, idempotency_keys"
 
@@ -206,3 +207,11 @@ def run_worker(
     for worker, housekeeper in started:
         worker.stop(grace=0)
         housekeeper.stop()
+
+
+@pytest.fixture
+def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the test server (10 server connections
+    per database); the test's instances reach it with `pgbouncer.url(dbname)`."""
+    with PgBouncer.in_front_of(server_url, pool_size=10) as bouncer:
+        yield bouncer
