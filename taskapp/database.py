@@ -162,9 +162,14 @@ class Pool:
         return _Checkout(self)
 
     def stats(self) -> dict[str, int]:
-        """Connections checked out, idle, and the most there may be."""
+        """Connections checked out, idle, the most there may be, and the callers waiting."""
         with self._lock:
-            return {"in_use": self._in_use, "idle": len(self._idle), "max": self._size}
+            return {
+                "in_use": self._in_use,
+                "idle": len(self._idle),
+                "max": self._size,
+                "waiting": self._waiting,
+            }
 
     def successor(self) -> Pool:
         """An empty pool with the same settings, to take over from this one."""
@@ -380,7 +385,7 @@ class Database:
         self.fetch("notify", {"channel": channel})
 
     def stats(self) -> dict[str, int]:
-        """The pool's connections in use, idle, and the most there may be."""
+        """The pool's connections in use, idle, the most there may be, and callers waiting."""
         return self._pool.stats()
 
     @property

@@ -360,7 +360,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "started at); `queue` (tasks per status); `instances` (every live instance with "
             "its last heartbeat); `event_streams` (open and most allowed); "
             "`database_connections` (this instance's statement pool: in use, idle, most "
-            "allowed)."
+            "allowed, statements waiting for one)."
         ),
         "properties": {
             "instance_id": {"type": "string"},
@@ -373,7 +373,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             },
             "instances": {"type": "array", "items": {"type": "object"}},
             "event_streams": _counts("open", "max"),
-            "database_connections": _counts("in_use", "idle", "max"),
+            "database_connections": _counts("in_use", "idle", "max", "waiting"),
         },
     },
     "Event": {

@@ -72,7 +72,10 @@ def status():
 
 @bp.get("/metrics")
 def metrics_page():
-    return metrics.render(get_database())
+    instance = runtime.current(current_app)
+    settings = current_app.config["TASKAPP"]
+    streams = (instance.broker.open_streams if instance else 0, settings.max_event_streams)
+    return metrics.render(get_database(), streams)
 
 
 def _instance_view(row: dict) -> dict:
