@@ -61,6 +61,9 @@ class Settings:
     max_attempts: int = 3
     retry_base_seconds: float = 2.0
     shutdown_grace_seconds: float = 10.0
+    # After SIGTERM, how long the instance goes on serving requests (/readyz: draining) before
+    # it stops accepting them, so a load balancer can take it out of rotation first.
+    drain_seconds: float = 0.0
     api_keys: tuple[str, ...] = ()
     log_format: str = "text"
     auto_migrate: bool = True
@@ -80,6 +83,10 @@ class Settings:
     # (before 1.21, or without max_prepared_statements), where that fails.
     db_prepared_statements: bool = True
     event_keepalive_seconds: float = 15.0
+    # /livez fails when a background loop of this instance has not come round for this long:
+    # longer than any wait on an unreachable database (5 s to connect, 5 s for a pooled
+    # connection), so an outage alone never fails it.
+    liveness_stall_seconds: float = 60.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
@@ -105,6 +112,7 @@ class Settings:
             "MAX_ATTEMPTS": ("max_attempts", int, 1),
             "RETRY_BASE_SECONDS": ("retry_base_seconds", float, 0),
             "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
+            "DRAIN_SECONDS": ("drain_seconds", float, 0),
             "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
             "RESULT_MAX_BYTES": ("result_max_bytes", int, 1),
             "TASK_TIMEOUT_SECONDS": ("task_timeout_seconds", int, 0),
@@ -113,6 +121,7 @@ class Settings:
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
+            "LIVENESS_STALL_SECONDS": ("liveness_stall_seconds", float, 1),
         }
         for name, (attr, kind, minimum) in numbers.items():
             if (raw := get(name)) is not None:

@@ -19,6 +19,7 @@ Only LISTEN needs a session of its own: LISTEN_DATABASE_URL.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -437,6 +438,30 @@ def init_database(app: Flask) -> None:
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     app.extensions[EXTENSION_KEY] = Database.from_settings(settings)
+
+
+@functools.cache
+def _revisions() -> tuple[str | None, frozenset[str]]:
+    """This code's head revision and every revision it knows (from migrations/versions)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(MIGRATIONS_DIR)
+    return script.get_current_head(), frozenset(r.revision for r in script.walk_revisions())
+
+
+def schema_state(database: Database) -> str:
+    """ "current" (at this code's head), "behind" (an older revision, or none: migrations are
+    pending) or "ahead" (a revision this code does not know: a newer release migrated it,
+    and it is still served, as during a rolling update). Raises psycopg.Error when the
+    database can't be asked."""
+    head, known = _revisions()
+    try:
+        row = database.fetchone("schema_version")
+    except psycopg.errors.UndefinedTable:
+        return "behind"
+    if row is None or row.version_num in known - {head}:
+        return "behind"
+    return "current" if row.version_num == head else "ahead"
 
 
 def upgrade_schema(app: Flask) -> None:

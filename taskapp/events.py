@@ -224,8 +224,14 @@ class Listener:
                 if self._stop.is_set():
                     return
                 log.warning("event listener disconnected (%s); reconnecting in %.1fs", exc, delay)
-                self._stop.wait(delay)
+                self._back_off(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before reconnecting, still coming round every second (it is not stalled)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and not self._stop.wait(min(left, 1.0)):
+            self.beat_at = time.monotonic()
 
     def _check_delivery(self, conn: psycopg.Connection[Any]) -> None:
         """NOTIFY our own channel through the pool and wait to hear it: a LISTEN through a
