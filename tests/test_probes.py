@@ -179,8 +179,11 @@ def test_sigterm_fails_readiness_while_the_instance_still_serves(instances, db_c
     wait_for(lambda: instance.status()["worker"]["current_tasks"], what="the task running")
     instance.signal_master(signal.SIGTERM)
     signalled = time.monotonic()
-    code, body = probe(instance, "/readyz")
-    assert (code, body["draining"], body["database"]) == (503, True, "ok")
+    # The master passes the signal on to its worker: not ready as soon as that has it.
+    _, body = wait_for(
+        lambda: (p := probe(instance, "/readyz"))[0] == 503 and p, timeout=1, what="not ready"
+    )
+    assert (body["draining"], body["database"]) == (True, "ok")
     assert probe(instance, "/livez")[0] == 200
     assert probe(instance, "/health")[0] == 200  # /health stays as it was
     assert instance.status()["worker"]["running"] is False  # it claims nothing more
