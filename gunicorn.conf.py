@@ -1,6 +1,7 @@
 """gunicorn settings: one worker process is one taskapp instance.
 
-post_fork starts the instance's background worker; SIGTERM stops its claiming at once;
+post_fork starts the instance's background worker; SIGTERM stops its claiming at once (and,
+for DRAIN_SECONDS, the instance goes on serving requests, /readyz saying it is draining);
 worker_exit lets the running task finish within SHUTDOWN_GRACE_SECONDS or hands it back,
 then ends the process at once.
 """
@@ -11,6 +12,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 from taskapp.config import Settings
 
@@ -21,8 +23,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # Threads serve requests and long-lived event streams (SSE, WebSocket) side by side.
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", str(_settings.max_event_streams + 16)))
-# Long enough for the running task's grace period plus the hand-back.
-graceful_timeout = int(_settings.shutdown_grace_seconds) + 10
+# Long enough for the drain, the running task's grace period and the hand-back.
+graceful_timeout = int(_settings.drain_seconds + _settings.shutdown_grace_seconds) + 10
 timeout = 60
 keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None
@@ -54,15 +56,23 @@ def post_worker_init(worker):
     if instance is None:
         return
 
-    def chain(signum, then, grace):
+    def chain(signum, then, grace, drain=0.0):
         def handler(sig, frame):
+            first = not instance.draining
             instance.begin_shutdown(grace)
-            then(sig, frame)
+            if drain <= 0:
+                then(sig, frame)
+            elif first:
+                # Go on serving while the load balancer (a Kubernetes Service) notices from
+                # /readyz that this instance is draining; then gunicorn stops accepting.
+                later = threading.Timer(drain, then, args=(sig, None))
+                later.daemon = True
+                later.start()
 
         signal.signal(signum, handler)
 
     # gunicorn installs its handlers before this hook: ours run first, then gunicorn's.
-    chain(signal.SIGTERM, signal.getsignal(signal.SIGTERM), None)
+    chain(signal.SIGTERM, signal.getsignal(signal.SIGTERM), None, _settings.drain_seconds)
     for quick in (signal.SIGINT, signal.SIGQUIT):
         chain(quick, signal.getsignal(quick), 0)
 

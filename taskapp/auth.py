@@ -1,4 +1,4 @@
-"""API keys: with API_KEYS set, every request but /health and the API docs must carry one."""
+"""API keys: with API_KEYS set, every request but the probes and the API docs must carry one."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from flask import Flask, current_app, request
 from .config import Settings
 from .errors import Unauthorized
 
-# The health probe and the docs stay open so load balancers and people can reach them.
-PUBLIC_PATHS = frozenset({"/health", "/health/", "/apispec_1.json", "/oauth2-redirect.html"})
+# The probes and the docs stay open so load balancers, the kubelet and people can reach them.
+PROBE_PATHS = ("/health", "/livez", "/readyz")
+PUBLIC_PATHS = frozenset(
+    {*PROBE_PATHS, *(p + "/" for p in PROBE_PATHS), "/apispec_1.json", "/oauth2-redirect.html"}
+)
 PUBLIC_PREFIXES = ("/apidocs/", "/flasgger_static/")
 
 

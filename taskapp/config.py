@@ -96,6 +96,10 @@ class Settings:
     """Everything an instance can be told through its environment."""
 
     database_url: str = DEFAULT_DATABASE_URL
+    # The LISTEN connection's database, when statements go through a pooler in transaction
+    # mode (PgBouncer) that can't keep a LISTEN: the same database, reached directly. None:
+    # DATABASE_URL.
+    listen_database_url: str | None = None
     processing_min_seconds: float = 6.0
     processing_max_seconds: float = 7.0
     task_processor: str = "taskapp.processor:simulate_work"
@@ -112,6 +116,9 @@ class Settings:
     max_attempts: int = 3
     retry_base_seconds: float = 2.0
     shutdown_grace_seconds: float = 10.0
+    # After SIGTERM, how long the instance goes on serving requests (/readyz: draining) before
+    # it stops accepting them, so a load balancer can take it out of rotation first.
+    drain_seconds: float = 0.0
     api_keys: tuple[str, ...] = ()
     log_format: str = "text"
     auto_migrate: bool = True
@@ -127,10 +134,17 @@ class Settings:
     max_event_streams: int = 100
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
+    # psycopg prepares a statement run five times; off behind PgBouncer in transaction mode
+    # (before 1.21, or without max_prepared_statements), where that fails.
+    db_prepared_statements: bool = True
     event_keepalive_seconds: float = 15.0
     # How long a write to an event stream's client may wait for room in its socket buffer
     # before the client counts as stalled and is disconnected.
     event_send_timeout_seconds: float = 5.0
+    # /livez fails when a background loop of this instance has not come round for this long:
+    # longer than any wait on an unreachable database (5 s to connect, 5 s for a pooled
+    # connection), so an outage alone never fails it.
+    liveness_stall_seconds: float = 60.0
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
@@ -145,6 +159,8 @@ class Settings:
         values: dict[str, Any] = {}
         if (url := get("DATABASE_URL")) is not None:
             values["database_url"] = url
+        if (url := get("LISTEN_DATABASE_URL")) is not None:
+            values["listen_database_url"] = url
         numbers = {
             "PROCESSING_MIN_SECONDS": ("processing_min_seconds", float, 0),
             "PROCESSING_MAX_SECONDS": ("processing_max_seconds", float, 0),
@@ -154,6 +170,7 @@ class Settings:
             "MAX_ATTEMPTS": ("max_attempts", int, 1),
             "RETRY_BASE_SECONDS": ("retry_base_seconds", float, 0),
             "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float, 0),
+            "DRAIN_SECONDS": ("drain_seconds", float, 0),
             "MAX_CONTENT_LENGTH": ("max_content_length", int, 1),
             "RESULT_MAX_BYTES": ("result_max_bytes", int, 1),
             "TASK_TIMEOUT_SECONDS": ("task_timeout_seconds", int, 0),
@@ -163,11 +180,17 @@ class Settings:
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
             "EVENT_SEND_TIMEOUT_SECONDS": ("event_send_timeout_seconds", float, 0.1),
+            "LIVENESS_STALL_SECONDS": ("liveness_stall_seconds", float, 1),
         }
         for name, (attr, kind, minimum) in numbers.items():
             if (raw := get(name)) is not None:
                 values[attr] = _parse_number(name, raw, kind, minimum)
-        for name, attr in (("WORKER_ENABLED", "worker_enabled"), ("AUTO_MIGRATE", "auto_migrate")):
+        flags = (
+            ("WORKER_ENABLED", "worker_enabled"),
+            ("AUTO_MIGRATE", "auto_migrate"),
+            ("DB_PREPARED_STATEMENTS", "db_prepared_statements"),
+        )
+        for name, attr in flags:
             if (raw := get(name)) is not None:
                 values[attr] = _parse_bool(name, raw)
         if (processor := get("TASK_PROCESSOR")) is not None:
@@ -199,7 +222,19 @@ class Settings:
         url = normalize_database_url(self.database_url)
         if not url.startswith("postgresql+psycopg://"):
             raise ConfigError("DATABASE_URL must be a postgresql:// URL")
-        return self if url == self.database_url else replace(self, database_url=url)
+        listen_url = self.listen_database_url
+        if listen_url is not None:
+            listen_url = normalize_database_url(listen_url)
+            if not listen_url.startswith("postgresql+psycopg://"):
+                raise ConfigError("LISTEN_DATABASE_URL must be a postgresql:// URL")
+        if (url, listen_url) == (self.database_url, self.listen_database_url):
+            return self
+        return replace(self, database_url=url, listen_database_url=listen_url)
+
+    @property
+    def listen_url(self) -> str:
+        """The LISTEN connection's database: LISTEN_DATABASE_URL, else DATABASE_URL."""
+        return self.listen_database_url or self.database_url
 
     @property
     def served_queues(self) -> dict[str, int]:

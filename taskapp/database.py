@@ -9,10 +9,17 @@ other connection an instance opens is the listener's, for LISTEN.
 Flask-SQLAlchemy's models stay the schema of record that Alembic migrations are generated
 from; its engine has no pool (NullPool) and is used only by the schema upgrade at start, before
 this pool opens any connection. So one instance holds at most `DB_POOL_SIZE + 1` connections.
+
+Nothing relies on a session outliving a statement or a transaction, so DATABASE_URL may lead
+to PgBouncer in transaction mode: the migrations' advisory lock is a transaction's, the session
+settings below are sent at connect time or not at all, and with DB_PREPARED_STATEMENTS=0 (or
+to a server that refuses the session settings, as PgBouncer does) psycopg prepares nothing.
+Only LISTEN needs a session of its own: LISTEN_DATABASE_URL.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -56,6 +63,53 @@ SESSION_OPTIONS = (
 )
 
 
+# PgBouncer refuses the `options` startup parameter ("unsupported startup parameter"): to such
+# a server (remembered by conninfo) connections are opened without SESSION_OPTIONS, and the
+# pooler's and the server's settings stand in for them (README, "Behind PgBouncer").
+_refuses_options: set[str] = set()
+_refuses_options_lock = threading.Lock()
+
+
+def connect(
+    conninfo: str, *, application_name: str, autocommit: bool = True, prepare: bool = False
+) -> psycopg.Connection[Any]:
+    """A new connection with the session settings. `prepare`: psycopg prepares a statement
+    run five times (a GET's statement then costs 130 us instead of 320 us), which a pooler in
+    transaction mode breaks: the next transaction may run on another server session, which
+    does not know it (DuplicatePreparedStatement, or none such). So never to a pooler."""
+    if conninfo not in _refuses_options:
+        try:
+            return _connect(conninfo, application_name, autocommit, SESSION_OPTIONS, prepare)
+        except psycopg.OperationalError as exc:
+            if "unsupported startup parameter" not in str(exc):
+                raise
+            with _refuses_options_lock:
+                first = conninfo not in _refuses_options
+                _refuses_options.add(conninfo)
+            if first:
+                log.warning(
+                    "the database server (a pooler?) refuses session options: connecting"
+                    " without them and preparing no statements; idle_in_transaction_session"
+                    "_timeout, timezone and TCP keepalives are the server's or the pooler's"
+                )
+    return _connect(conninfo, application_name, autocommit, None, False)
+
+
+def _connect(
+    conninfo: str, application_name: str, autocommit: bool, options: str | None, prepare: bool
+) -> psycopg.Connection[Any]:
+    extra: dict[str, Any] = {"options": options} if options else {}
+    return psycopg.connect(
+        conninfo,
+        autocommit=autocommit,
+        # psycopg's default: prepared on the fifth execution; None: never.
+        prepare_threshold=5 if prepare else None,
+        connect_timeout=5,
+        application_name=application_name,
+        **extra,
+    )
+
+
 def conninfo(database_url: str) -> str:
     """The libpq form of a `postgresql+psycopg://` URL."""
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
@@ -76,9 +130,16 @@ class Pool:
     """
 
     def __init__(
-        self, conninfo: str, size: int, timeout: float, recycle: float, application_name: str
+        self,
+        conninfo: str,
+        size: int,
+        timeout: float,
+        recycle: float,
+        application_name: str,
+        prepare: bool = True,
     ) -> None:
         self._conninfo = conninfo
+        self._prepare = prepare
         self._size = size
         self._timeout = timeout
         self._recycle = recycle
@@ -102,14 +163,24 @@ class Pool:
         return _Checkout(self)
 
     def stats(self) -> dict[str, int]:
-        """Connections checked out, idle, and the most there may be."""
+        """Connections checked out, idle, the most there may be, and the callers waiting."""
         with self._lock:
-            return {"in_use": self._in_use, "idle": len(self._idle), "max": self._size}
+            return {
+                "in_use": self._in_use,
+                "idle": len(self._idle),
+                "max": self._size,
+                "waiting": self._waiting,
+            }
 
     def successor(self) -> Pool:
         """An empty pool with the same settings, to take over from this one."""
         return Pool(
-            self._conninfo, self._size, self._timeout, self._recycle, self._application_name
+            self._conninfo,
+            self._size,
+            self._timeout,
+            self._recycle,
+            self._application_name,
+            self._prepare,
         )
 
     def close(self) -> None:
@@ -191,12 +262,8 @@ class Pool:
             conn.close()
 
     def _open(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self._conninfo,
-            autocommit=True,
-            connect_timeout=5,
-            options=SESSION_OPTIONS,
-            application_name=self._application_name,
+        return connect(
+            self._conninfo, application_name=self._application_name, prepare=self._prepare
         )
 
 
@@ -235,13 +302,21 @@ class Database:
         pool_size: int,
         pool_timeout: float = POOL_TIMEOUT_SECONDS,
         application_name: str = "taskapp",
+        listen_url: str | None = None,
+        prepared_statements: bool = True,
     ) -> None:
         self.conninfo = conninfo(database_url)
-        # The listener's own connection (LISTEN needs a session of its own).
-        self.listen_conninfo = self.conninfo
+        # The listener's own connection (LISTEN needs a session of its own, so not through a
+        # pooler in transaction mode): LISTEN_DATABASE_URL, else the pool's database.
+        self.listen_conninfo = conninfo(listen_url) if listen_url else self.conninfo
         self._lock = threading.Lock()
         self._pool = Pool(
-            self.conninfo, pool_size, pool_timeout, RECYCLE_AFTER_SECONDS, application_name
+            self.conninfo,
+            pool_size,
+            pool_timeout,
+            RECYCLE_AFTER_SECONDS,
+            application_name,
+            prepared_statements,
         )
 
     @classmethod
@@ -250,6 +325,8 @@ class Database:
             settings.database_url,
             pool_size=settings.db_pool_size,
             application_name=f"taskapp:{settings.instance_id[:8]}",
+            listen_url=settings.listen_url,
+            prepared_statements=settings.db_prepared_statements,
         )
 
     @property
@@ -295,12 +372,7 @@ class Database:
 
     def listen_connection(self) -> psycopg.Connection[Any]:
         """A dedicated connection for LISTEN, outside the pool (it is held for good)."""
-        return psycopg.connect(
-            self.listen_conninfo,
-            autocommit=True,
-            connect_timeout=5,
-            application_name="taskapp-listener",
-        )
+        return connect(self.listen_conninfo, application_name="taskapp-listener")
 
     def listen(
         self, conn: psycopg.Connection[Any], channel: str, *, listening: bool = True
@@ -314,7 +386,7 @@ class Database:
         self.fetch("notify", {"channel": channel})
 
     def stats(self) -> dict[str, int]:
-        """The pool's connections in use, idle, and the most there may be."""
+        """The pool's connections in use, idle, the most there may be, and callers waiting."""
         return self._pool.stats()
 
     @property
@@ -355,13 +427,41 @@ def init_database(app: Flask) -> None:
     settings: Settings = app.config["TASKAPP"]
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.database_url
     # The engine only runs migrations: no pool, so it holds no connection once they are done.
+    # Its connections are made as the pool's are (no prepared statements, options if allowed).
+    migrate_conninfo = conninfo(settings.database_url)
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
         "poolclass": NullPool,
-        "connect_args": {"connect_timeout": 5, "options": SESSION_OPTIONS},
+        "creator": lambda: connect(
+            migrate_conninfo, application_name="taskapp-migrate", autocommit=False
+        ),
     }
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     app.extensions[EXTENSION_KEY] = Database.from_settings(settings)
+
+
+@functools.cache
+def _revisions() -> tuple[str | None, frozenset[str]]:
+    """This code's head revision and every revision it knows (from migrations/versions)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(MIGRATIONS_DIR)
+    return script.get_current_head(), frozenset(r.revision for r in script.walk_revisions())
+
+
+def schema_state(database: Database) -> str:
+    """ "current" (at this code's head), "behind" (an older revision, or none: migrations are
+    pending) or "ahead" (a revision this code does not know: a newer release migrated it,
+    and it is still served, as during a rolling update). Raises psycopg.Error when the
+    database can't be asked."""
+    head, known = _revisions()
+    try:
+        row = database.fetchone("schema_version")
+    except psycopg.errors.UndefinedTable:
+        return "behind"
+    if row is None or row.version_num in known - {head}:
+        return "behind"
+    return "current" if row.version_num == head else "ahead"
 
 
 def upgrade_schema(app: Flask) -> None:

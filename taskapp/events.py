@@ -9,6 +9,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ WAKEUP_CHANNEL = "taskapp_wakeup"
 # Sent (the task id) when a processing task is cancelled or deleted: its holder sets the
 # processor's cancellation flag.
 CANCEL_CHANNEL = "taskapp_cancel"
+# How long a new LISTEN connection waits to hear its own NOTIFY before it says it hears nothing.
+DELIVERY_CHECK_SECONDS = 3.0
 
 # Every event type, in the order the docs list them (the OpenAPI spec and the dashboard read
 # this tuple; the statements in taskapp/sql/ name them when they publish).
@@ -195,6 +198,15 @@ class Listener:
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
         self.listening_to_events = threading.Event()
+        # Whether this connection hears NOTIFYs (None: not checked yet). Through PgBouncer in
+        # transaction mode LISTEN succeeds and then hears nothing: the worker wakes by polling.
+        self.delivering: bool | None = None
+        # When the loop last came round (time.monotonic()), for the instance's liveness.
+        self.beat_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is None:
@@ -218,6 +230,7 @@ class Listener:
     def _run(self) -> None:
         delay = 0.1
         while not self._stop.is_set():
+            self.beat_at = time.monotonic()
             try:
                 with self.database.listen_connection() as conn:
                     self.database.listen(conn, WAKEUP_CHANNEL)
@@ -225,8 +238,10 @@ class Listener:
                     self.database.listen(conn, self.control_channel)
                     self.connected.set()
                     delay = 0.1
+                    self._check_delivery(conn)
                     self.on_wakeup()
                     while not self._stop.is_set():
+                        self.beat_at = time.monotonic()
                         self._listen_to_events_if_wanted(conn)
                         for notify in conn.notifies(timeout=1.0):
                             if notify.channel == self.control_channel:
@@ -240,8 +255,41 @@ class Listener:
                 if self._stop.is_set():
                     return
                 log.warning("event listener disconnected (%s); reconnecting in %.1fs", exc, delay)
-                self._stop.wait(delay)
+                self._back_off(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before reconnecting, still coming round every second (it is not stalled)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and not self._stop.wait(min(left, 1.0)):
+            self.beat_at = time.monotonic()
+
+    def _check_delivery(self, conn: psycopg.Connection[Any]) -> None:
+        """NOTIFY our own channel through the pool and wait to hear it: a LISTEN through a
+        pooler in transaction mode is accepted and never hears anything. Said once, not
+        silently: the worker then wakes only by polling, and streams get no events."""
+        try:
+            self.database.notify(self.control_channel)
+        except psycopg.Error as exc:
+            log.warning("could not check that LISTEN hears notifications: %s", exc)
+            return
+        heard = False
+        deadline = time.monotonic() + DELIVERY_CHECK_SECONDS
+        while not heard and (remaining := deadline - time.monotonic()) > 0:
+            for notify in conn.notifies(timeout=remaining):
+                if notify.channel == self.control_channel:
+                    heard = True
+                    break
+                self._dispatch(notify.channel, notify.payload)
+        if heard and self.delivering is False:
+            log.info("LISTEN hears notifications again: workers wake at once")
+        elif not heard and self.delivering is not False:
+            log.warning(
+                "LISTEN hears no notifications (LISTEN_DATABASE_URL through PgBouncer in"
+                " transaction mode?): workers wake only by polling (POLL_INTERVAL_SECONDS) and"
+                " event streams get no events; point LISTEN_DATABASE_URL at PostgreSQL itself"
+            )
+        self.delivering = heard
 
     def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
         wanted = self.broker.receiving > 0

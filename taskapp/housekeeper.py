@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from . import metrics, queue
 from .attempt import short_error
@@ -39,6 +40,8 @@ class Housekeeper:
         self.worker = worker
         self._hostname, self._pid = socket.gethostname(), os.getpid()
         self._rounds = 0
+        # When the loop last came round (time.monotonic()), failed rounds too: for liveness.
+        self.round_at = time.monotonic()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -116,6 +119,7 @@ class Housekeeper:
 
     def _loop(self) -> None:
         while not self._done.is_set():
+            self.round_at = time.monotonic()
             try:
                 self.run_once()
             except Exception as exc:

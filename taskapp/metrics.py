@@ -78,22 +78,31 @@ def tasks_rescued(count: int) -> None:
 
 class QueueCollector(Collector):
     """Queue depth by status and the age of the oldest due task, read when scraped; and the
-    scraped process's database connections."""
+    scraped process's database connections and event streams.
 
-    def __init__(self, database: Database) -> None:
+    The queue gauges are the whole cluster's, the same from every instance: aggregate them
+    over instances with max(), not sum(). The others are the scraped instance's own."""
+
+    def __init__(self, database: Database, event_streams: tuple[int, int] | None = None) -> None:
         self.database = database
+        # (open, most allowed): the scraped instance's event streams (None: it serves none).
+        self.event_streams = event_streams
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from . import queue
 
-        depth = GaugeMetricFamily("taskapp_queue_tasks", "Tasks by status", labels=["status"])
+        depth = GaugeMetricFamily(
+            "taskapp_queue_tasks",
+            "Tasks by status in the whole cluster (every instance says the same: use max())",
+            labels=["status"],
+        )
         for status, count in queue.queue_counts(self.database).items():
             depth.add_metric([status], count)
         yield depth
         yield from self._flow_gauges()
         yield GaugeMetricFamily(
             "taskapp_queue_oldest_pending_age_seconds",
-            "Seconds the oldest due pending task has waited",
+            "Seconds the oldest due pending task of the cluster has waited (use max())",
             value=queue.oldest_pending_age(self.database),
         )
         pool = self.database.stats()
@@ -106,9 +115,25 @@ class QueueCollector(Collector):
         connections.add_metric(["idle"], pool["idle"])
         yield connections
         yield GaugeMetricFamily(
+            "taskapp_db_pool_waiting",
+            "Statements of this instance waiting for a free pooled connection",
+            value=pool["waiting"],
+        )
+        yield GaugeMetricFamily(
             "taskapp_db_connections_max",
             "The most connections this instance opens: DB_POOL_SIZE and the listener's one",
             value=self.database.max_connections,
+        )
+        open_streams, max_streams = self.event_streams or (0, 0)
+        yield GaugeMetricFamily(
+            "taskapp_event_streams_open",
+            "This instance's open event streams (SSE and WebSocket)",
+            value=open_streams,
+        )
+        yield GaugeMetricFamily(
+            "taskapp_event_streams_max",
+            "The most event streams this instance serves (MAX_EVENT_STREAMS)",
+            value=max_streams,
         )
 
     def _flow_gauges(self) -> Iterator[GaugeMetricFamily]:
@@ -141,8 +166,9 @@ class QueueCollector(Collector):
         yield from families.values()
 
 
-def render(database: Database) -> Response:
-    """The /metrics page: this cluster's queue, and every local process's counters."""
+def render(database: Database, event_streams: tuple[int, int] | None = None) -> Response:
+    """The /metrics page: this cluster's queue, this instance's connections and streams, and
+    every local process's counters."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -150,7 +176,7 @@ def render(database: Database) -> Response:
     else:
         counters = generate_latest(REGISTRY)
     queue_registry = CollectorRegistry()
-    queue_registry.register(QueueCollector(database))
+    queue_registry.register(QueueCollector(database, event_streams))
     return Response(generate_latest(queue_registry) + counters, content_type=CONTENT_TYPE_LATEST)
 
 

@@ -26,7 +26,8 @@ Tasks with conversations, kept in PostgreSQL and processed in the background by 
 running instance. Every error is `application/problem+json` (RFC 9457).
 
 When the service runs with `API_KEYS`, send one of them as `Authorization: Bearer KEY` or
-`X-API-Key: KEY` (the **Authorize** button); `/health` and these docs need no key.
+`X-API-Key: KEY` (the **Authorize** button); `/health`, `/livez`, `/readyz` and these docs need
+no key.
 """
 
 # Nested schemas first: registering a schema registers what it nests under the same names.
@@ -396,6 +397,45 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "/livez": {
+        "get": {
+            "operationId": "livez",
+            "tags": ["system"],
+            "summary": "Liveness: whether this instance's own threads run (asks no database)",
+            "description": (
+                "503 when a background part (the listener, the housekeeper, the worker's "
+                "threads: work threads, dispatcher, watchdog) has died, or its loop has not "
+                "come round for `LIVENESS_STALL_SECONDS`. A database outage does not fail it; "
+                "while draining after SIGTERM it stays 200."
+            ),
+            "security": PUBLIC,
+            "responses": {
+                "200": _ok("Liveness", "Every part runs."),
+                "503": _ok("Liveness", "A part is dead or stalled: restart the instance."),
+                "414": {"$ref": "#/components/responses/414"},
+                "500": {"$ref": "#/components/responses/500"},
+            },
+        },
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "readyz",
+            "tags": ["system"],
+            "summary": "Readiness: whether this instance should be sent requests",
+            "description": (
+                "503 when the database can't be reached, the schema is behind this code "
+                "(migrations pending; a schema ahead of it, during a rolling update, is "
+                "ready), or the instance is draining after SIGTERM."
+            ),
+            "security": PUBLIC,
+            "responses": {
+                "200": _ok("Readiness", "Ready."),
+                "503": _ok("Readiness", "Not ready; the body says why."),
+                "414": {"$ref": "#/components/responses/414"},
+                "500": {"$ref": "#/components/responses/500"},
+            },
+        },
+    },
     "/status": {
         "get": {
             "operationId": "status",
@@ -470,6 +510,30 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "database": {"type": "string", "example": "ok"},
         },
     },
+    "Liveness": {
+        "type": "object",
+        "required": ["status", "threads"],
+        "properties": {
+            "status": {"type": "string", "enum": ["alive", "dead"]},
+            "threads": {
+                "type": "object",
+                "description": "Each part (`listener`, `housekeeper`, `worker`): `ok`, "
+                "`dead`, `stalled`, or for the worker `dead: ` and the dead threads' names.",
+                "additionalProperties": {"type": "string"},
+                "example": {"listener": "ok", "housekeeper": "ok", "worker": "ok"},
+            },
+        },
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "database", "schema", "draining"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "not ready"]},
+            "database": {"type": "string", "enum": ["ok", "unreachable"]},
+            "schema": {"type": "string", "enum": ["current", "behind", "ahead", "unknown"]},
+            "draining": {"type": "boolean"},
+        },
+    },
     "Status": {
         "type": "object",
         "description": (
@@ -478,7 +542,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "status); `instances` (every live instance with its last heartbeat); "
             "`event_streams` (open and most allowed); "
             "`database_connections` (this instance's statement pool: in use, idle, most "
-            "allowed)."
+            "allowed, statements waiting for one)."
         ),
         "properties": {
             "instance_id": {"type": "string"},
@@ -491,7 +555,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             },
             "instances": {"type": "array", "items": {"type": "object"}},
             "event_streams": _counts("open", "max"),
-            "database_connections": _counts("in_use", "idle", "max"),
+            "database_connections": _counts("in_use", "idle", "max", "waiting"),
         },
     },
     "Event": {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from flask import Flask
 
@@ -59,6 +60,31 @@ class Runtime:
         if not self.listener.events_wanted():
             log.warning("event stream opened while the event listener is reconnecting")
         return subscription
+
+    @property
+    def draining(self) -> bool:
+        """True from the first SIGTERM (or shutdown) on: stopping claiming, finishing tasks."""
+        return self._stopper is not None
+
+    def liveness(self) -> dict[str, str]:
+        """Each background part of this instance: "ok", "dead" (its thread ended) or
+        "stalled" (its loop has not come round for LIVENESS_STALL_SECONDS). Parts stop on
+        purpose while draining, so then every one is "ok". Reads no database."""
+        if self.draining:
+            return {"listener": "ok", "housekeeper": "ok", "worker": "ok"}
+        now, limit = time.monotonic(), self.settings.liveness_stall_seconds
+
+        def loop(alive: bool, came_round_at: float) -> str:
+            if not alive:
+                return "dead"
+            return "stalled" if now - came_round_at > limit else "ok"
+
+        dead = self.worker.dead_threads()
+        return {
+            "listener": loop(self.listener.alive, self.listener.beat_at),
+            "housekeeper": loop(self.housekeeper.alive, self.housekeeper.round_at),
+            "worker": "dead: " + ", ".join(dead) if dead else "ok",
+        }
 
     def start(self) -> None:
         self.listener.start()

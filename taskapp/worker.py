@@ -142,6 +142,15 @@ class Worker:
             self._abandoned = [t for t in self._abandoned if t.is_alive()]
             return len(self._abandoned)
 
+    def dead_threads(self) -> list[str]:
+        """The threads this worker needs that have died (work threads, the dispatcher, the
+        watchdog), for the instance's liveness; none before start and once stopping."""
+        if not self._started or self._stopping.is_set():
+            return []
+        with self._lock:
+            needed = [*self._threads, self._watchdog, self.dispatcher._thread]
+        return [thread.name for thread in needed if thread is not None and not thread.is_alive()]
+
     def lease_really_lost(self, claimed: Claim) -> bool:
         """A renewal missed this claim: true unless it finished (or is finishing) meanwhile."""
         with self._lock:

@@ -11,6 +11,7 @@ gunicorn processes, PostgreSQL restarts), `soak` (only when asked for), `fast` (
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from taskapp.housekeeper import Housekeeper
 from taskapp.processor import Processor
 from taskapp.worker import Worker
 from tests.support import ROOT, Instance
+from tools.pgbouncer import PgBouncer
 
 TABLES = "tasks, conversations, task_errors, instances, idempotency_keys, queues, concurrency_keys"
 
@@ -52,8 +54,8 @@ def _is_slow(item: pytest.Item) -> bool:
     module = getattr(item, "module", None)
     if module is not None and module.__name__.rpartition(".")[2] in SLOW_MODULES:
         return True
-    # `instances` starts gunicorn processes.
-    if "instances" in item.fixturenames:
+    # `instances` starts gunicorn processes; `private_postgres` a PostgreSQL server to stop.
+    if {"instances", "private_postgres"} & set(item.fixturenames):
         return True
     # A test asking for the server itself, not the session's database, makes its own databases,
     # servers or instances. server_url is in every database test's closure through database_url,
@@ -206,3 +208,46 @@ def run_worker(
     for worker, housekeeper in started:
         worker.stop(grace=0)
         housekeeper.stop()
+
+
+def _port_outside_ephemeral_range() -> int | None:
+    """A free port the kernel never hands out as a client's source port (None: any port).
+
+    While the server is down the service keeps connecting to its port; were that port in the
+    ephemeral range, one of those attempts (or any other client on the machine) could end up
+    holding it, and the server could not listen on it again.
+    """
+    from tools.embedded_pg import port_is_free
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    candidates = list(range(max(1024, low - 10000), low))
+    random.shuffle(candidates)
+    return next((port for port in candidates[:200] if port_is_free(port)), None)
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    """A PostgreSQL server of this test's own, which it may stop and start at will.
+
+    The shared server must never be restarted by a test, so this one always runs on the
+    embedded PostgreSQL that requirements-dev.txt installs; if it can't start, the test fails.
+    """
+    from tools.embedded_pg import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path / "pgdata", port=_port_outside_ephemeral_range())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the test server (10 server connections
+    per database); the test's instances reach it with `pgbouncer.url(dbname)`."""
+    with PgBouncer.in_front_of(server_url, pool_size=10) as bouncer:
+        yield bouncer

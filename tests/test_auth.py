@@ -107,6 +107,8 @@ def test_a_valid_key_still_gets_the_usual_errors(secured: FlaskClient) -> None:
     [
         "/health",
         "/health/",
+        "/livez",
+        "/readyz",
         "/apidocs/",
         "/apidocs",
         "/apispec_1.json",

@@ -1,5 +1,6 @@
 """An instance never holds more database connections than the README's formula of its
-settings, DB_POOL_SIZE + 1 (the pool and the listener), however busy it is."""
+settings, DB_POOL_SIZE + 1 (the pool and the listener), however busy it is; /metrics shows
+how much of the pool and of the event streams it uses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import psycopg
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Load, wait_for
 
@@ -25,6 +27,16 @@ def instance_connections(db_conn: psycopg.Connection, pool_name: str) -> int:
         " AND application_name IN (%s, 'taskapp-listener')",
         (pool_name,),
     ).fetchone()[0]
+
+
+def gauges(url: str) -> dict[tuple[str, str], float]:
+    """The instance's gauges from /metrics: {(name, state label or ""): value}."""
+    text = requests.get(url + "/metrics", timeout=5).text
+    return {
+        (sample.name, sample.labels.get("state", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) -> None:
@@ -45,6 +57,7 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
     stream = requests.get(instance.url + "/events", stream=True, timeout=10)
     assert stream.status_code == 200
     samples: list[int] = []
+    scraped: list[dict[tuple[str, str], float]] = []
     stop = threading.Event()
 
     def sample() -> None:
@@ -60,7 +73,8 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
             sampler.start()
             load.wait_more(300, timeout=60)
             deadline = time.monotonic() + SAMPLE_SECONDS
-            wait_for(lambda: time.monotonic() > deadline, timeout=SAMPLE_SECONDS + 5)
+            while time.monotonic() < deadline:
+                scraped.append(gauges(instance.url))
         assert not load.bad, load.bad[:3]
     finally:
         stop.set()
@@ -70,3 +84,20 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
     assert max(samples) <= budget, f"peak {max(samples)} > budget {budget}"
     # The load really pressed the pool: otherwise the bound above would prove nothing.
     assert max(samples) >= POOL_SIZE
+
+    # What the pool and the streams looked like, as /metrics showed them under that load.
+    in_use = [g[("taskapp_db_pool_connections", "in_use")] for g in scraped]
+    in_pool = [
+        in_use[n] + g[("taskapp_db_pool_connections", "idle")] for n, g in enumerate(scraped)
+    ]
+    print(
+        f"\npeak {max(samples)} connections; /metrics: in use up to {max(in_use):g}, "
+        f"waiting up to {max(g[('taskapp_db_pool_waiting', '')] for g in scraped):g}"
+    )
+    assert max(in_use) >= 1 and max(in_pool) <= POOL_SIZE
+    assert {g[("taskapp_event_streams_open", "")] for g in scraped} == {1.0}
+    assert {g[("taskapp_event_streams_max", "")] for g in scraped} == {4.0}
+    wait_for(
+        lambda: gauges(instance.url)[("taskapp_event_streams_open", "")] == 0,
+        what="the closed stream gone from the gauge",
+    )

@@ -3,6 +3,7 @@ a real PostgreSQL (connections are terminated with pg_terminate_backend, as a re
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -52,9 +53,23 @@ def test_connections_are_reused_and_stay_in_autocommit(gateway: Database) -> Non
 def test_stats_count_the_connections_in_use_and_idle(gateway: Database) -> None:
     pool = gateway.pool
     with pool.connection(), pool.connection():
-        assert pool.stats() == {"in_use": 2, "idle": 0, "max": POOL_SIZE}
-    assert pool.stats() == {"in_use": 0, "idle": 2, "max": POOL_SIZE}
+        assert pool.stats() == {"in_use": 2, "idle": 0, "max": POOL_SIZE, "waiting": 0}
+    assert pool.stats() == {"in_use": 0, "idle": 2, "max": POOL_SIZE, "waiting": 0}
     assert gateway.max_connections == POOL_SIZE + 1  # and the listener's
+
+
+def test_stats_count_the_statements_waiting_for_a_connection(gateway: Database) -> None:
+    pool = gateway.pool
+    with contextlib.ExitStack() as held:
+        for _ in range(POOL_SIZE):
+            held.enter_context(pool.connection())
+        # It gives up after POOL_TIMEOUT: only its wait is of interest here.
+        waiter = threading.Thread(target=lambda: gateway.fetchone("ping"), daemon=True)
+        waiter.start()
+        wait_for(lambda: pool.stats()["waiting"] == 1, what="a statement waiting")
+        assert pool.stats()["in_use"] == POOL_SIZE
+    waiter.join(5)
+    assert pool.stats()["waiting"] == 0
 
 
 def test_connection_killed_while_idle_is_replaced_unnoticed(
@@ -142,8 +157,17 @@ def test_a_waiting_checkout_gets_the_first_connection_freed(
 def test_close_closes_the_idle_connections(gateway: Database, db_conn: psycopg.Connection) -> None:
     pid = backend_pid(gateway)
     gateway.close()
-    alive = db_conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-    assert alive.fetchone()[0] == 0
+    # The backend exits a moment after its client closes the connection.
+    wait_for(
+        lambda: (
+            db_conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()[0]
+            == 0
+        ),
+        timeout=5,
+        what="the idle connection's backend gone",
+    )
     assert backend_pid(gateway) != pid  # a new pool, on first use
 
 

@@ -8,13 +8,10 @@ connection comes back; no task is lost.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
-import pytest
 import requests
 
 from tests.support import (
@@ -103,41 +100,6 @@ def test_terminating_every_connection_costs_a_few_503s_and_nothing_else(instance
         what="a new task picked up by a woken worker",
     )
     print(f"picked up and completed {time.monotonic() - started:.2f}s after its POST")
-
-
-def _port_outside_ephemeral_range() -> int | None:
-    """A free port the kernel never hands out as a client's source port (None: any port).
-
-    While the server is down the service keeps connecting to its port; were that port in the
-    ephemeral range, one of those attempts (or any other client on the machine) could end up
-    holding it, and the server could not listen on it again.
-    """
-    from tools.embedded_pg import port_is_free
-
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    candidates = list(range(max(1024, low - 10000), low))
-    random.shuffle(candidates)
-    return next((port for port in candidates[:200] if port_is_free(port)), None)
-
-
-@pytest.fixture
-def private_postgres(tmp_path):
-    """A PostgreSQL server of this test's own, which it may stop and start at will.
-
-    The shared server must never be restarted by a test, so this one always runs on the
-    embedded PostgreSQL that requirements-dev.txt installs; if it can't start, the test fails.
-    """
-    from tools.embedded_pg import EmbeddedPostgres
-
-    server = EmbeddedPostgres(tmp_path / "pgdata", port=_port_outside_ephemeral_range())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_a_postgres_restart_costs_503s_and_no_task(private_postgres):

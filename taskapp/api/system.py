@@ -10,7 +10,7 @@ import psycopg
 from flask import Blueprint, current_app, jsonify
 
 from .. import metrics, queue, runtime
-from ..database import get_database
+from ..database import get_database, schema_state
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger(__name__)
@@ -28,6 +28,39 @@ def health():
         log.warning("health check: database unreachable (%s)", str(exc).split("\n")[0])
         return jsonify({"status": "unhealthy", "database": "unreachable"}), 503
     return jsonify({"status": "healthy", "database": "ok"})
+
+
+@bp.get("/livez")
+def livez():
+    """Whether this instance's own threads run; never asks the database, so an outage does not
+    get healthy instances restarted."""
+    instance = runtime.current(current_app)
+    threads = instance.liveness() if instance else {}
+    alive = all(state == "ok" for state in threads.values())
+    body = {"status": "alive" if alive else "dead", "threads": threads}
+    return jsonify(body), 200 if alive else 503
+
+
+@bp.get("/readyz")
+def readyz():
+    """Whether this instance should get requests: the database answers, the schema is not
+    behind this code, and it is not draining after a SIGTERM."""
+    instance = runtime.current(current_app)
+    draining = bool(instance and instance.draining)
+    try:
+        schema = schema_state(get_database())
+        database = "ok"
+    except psycopg.Error as exc:
+        log.warning("readiness: database unreachable (%s)", str(exc).split("\n")[0])
+        schema, database = "unknown", "unreachable"
+    ready = database == "ok" and schema != "behind" and not draining
+    body = {
+        "status": "ready" if ready else "not ready",
+        "database": database,
+        "schema": schema,
+        "draining": draining,
+    }
+    return jsonify(body), 200 if ready else 503
 
 
 @bp.get("/status")
@@ -75,7 +108,10 @@ def status():
 
 @bp.get("/metrics")
 def metrics_page():
-    return metrics.render(get_database())
+    instance = runtime.current(current_app)
+    settings = current_app.config["TASKAPP"]
+    streams = (instance.broker.open_streams if instance else 0, settings.max_event_streams)
+    return metrics.render(get_database(), streams)
 
 
 def _instance_view(row: dict) -> dict:

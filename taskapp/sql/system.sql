@@ -5,6 +5,10 @@
 -- Whether the database answers (GET /health).
 SELECT 1;
 
+-- name: schema_version
+-- The revision the schema is at (GET /readyz compares it with this code's head).
+SELECT version_num FROM alembic_version;
+
 -- name: notify
 -- An empty NOTIFY on a channel, sent at once.
 SELECT pg_notify(:channel, '');

@@ -52,3 +52,22 @@ def record_contents(task: TaskSnapshot) -> None:
     with open(os.environ["TEST_PROCESSOR_RECORD"], "a") as file:
         for conversation in task.conversations:
             file.write(json.dumps({"id": conversation.id, "content": conversation.content}) + "\n")
+
+
+def break_housekeeper(task: TaskSnapshot) -> None:
+    """Make this instance's housekeeper thread end (a task titled "kill") or hang (any other
+    title) at its next round, as a bug would: for the liveness probe's tests."""
+    import sys
+    import threading
+
+    from taskapp import runtime
+
+    instance = runtime.current(sys.modules["wsgi"].app)
+    assert instance is not None
+    housekeeper = instance.housekeeper
+
+    if task.title == "kill":
+        housekeeper._done.set()  # its loop ends, as if the thread had crashed
+    else:
+        release = threading.Event()
+        housekeeper.run_once = release.wait  # type: ignore[assignment]
