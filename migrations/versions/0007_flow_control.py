@@ -128,8 +128,13 @@ BEGIN
           WHERE name = ANY(candidate_queues) AND rate_limit IS NOT NULL
           ORDER BY 1 OFFSET 0) AS s;
     -- A statement of its own: its snapshot sees every claim committed before the locks.
+    -- `clock` is read after that snapshot is taken: every start it admits is later than the
+    -- commit of each finish the snapshot sees, and rates are spaced by the same clock that
+    -- records the starts (started_at).
     RETURN QUERY
-    WITH candidate AS (
+    WITH clock AS MATERIALIZED (
+        SELECT clock_timestamp() AS at
+    ), candidate AS (
         SELECT c.id, c.q, c.k, c.n
         FROM unnest(candidate_ids, candidate_queues, candidate_keys) WITH ORDINALITY
              AS c(id, q, k, n)
@@ -152,11 +157,11 @@ BEGIN
         GROUP BY kr.q, kr.k
     ), key_room AS (
         SELECT kr.q, kr.k,
-               CASE WHEN kr.throttled_until > now() THEN 0
+               CASE WHEN kr.throttled_until > clock.at THEN 0
                     ELSE least(kr.max_running - coalesce(r.n, 0),
-                               taskapp_rate_room(kr.rate, kr.period, kr.burst, kr.tat, now()))
+                               taskapp_rate_room(kr.rate, kr.period, kr.burst, kr.tat, clock.at))
                END AS room
-        FROM key_rule AS kr
+        FROM clock, key_rule AS kr
         LEFT JOIN running AS r ON r.q = kr.q AND r.k = kr.k
     ), key_admitted AS (
         SELECT c.id, c.q, c.k, c.n
@@ -169,31 +174,33 @@ BEGIN
         SELECT a.id, a.q, a.k
         FROM (SELECT *, row_number() OVER (PARTITION BY q ORDER BY n) AS rank
               FROM key_admitted) AS a
+        CROSS JOIN clock
         JOIN queue_rule AS qr ON qr.q = a.q
-        WHERE (qr.throttled_until IS NULL OR qr.throttled_until <= now())
+        WHERE (qr.throttled_until IS NULL OR qr.throttled_until <= clock.at)
           AND (qr.rate IS NULL
-               OR a.rank <= taskapp_rate_room(qr.rate, qr.period, qr.burst, qr.tat, now()))
+               OR a.rank <= taskapp_rate_room(qr.rate, qr.period, qr.burst, qr.tat, clock.at))
     ), queue_spent AS (
         UPDATE queues AS qu
         SET rate_tat = taskapp_rate_tat(qu.rate_limit, qu.rate_period_seconds, qu.rate_tat,
-                                        s.n, now()),
+                                        s.n, clock.at),
             rate_ready_at = taskapp_rate_ready(
                 qu.rate_limit, qu.rate_period_seconds, qu.rate_burst,
-                taskapp_rate_tat(qu.rate_limit, qu.rate_period_seconds, qu.rate_tat, s.n, now()))
-        FROM (SELECT q, count(*) AS n FROM admitted GROUP BY q) AS s
+                taskapp_rate_tat(qu.rate_limit, qu.rate_period_seconds, qu.rate_tat, s.n, clock.at))
+        FROM clock, (SELECT q, count(*) AS n FROM admitted GROUP BY q) AS s
         WHERE qu.name = s.q AND qu.rate_limit IS NOT NULL
     ), key_spent AS (
         INSERT INTO concurrency_keys AS ck (queue, key, rate_tat, rate_ready_at)
-        SELECT kr.q, kr.k, taskapp_rate_tat(kr.rate, kr.period, kr.tat, s.n, now()),
+        SELECT kr.q, kr.k, taskapp_rate_tat(kr.rate, kr.period, kr.tat, s.n, clock.at),
                taskapp_rate_ready(kr.rate, kr.period, kr.burst,
-                                  taskapp_rate_tat(kr.rate, kr.period, kr.tat, s.n, now()))
-        FROM (SELECT q, k, count(*) AS n FROM admitted WHERE k IS NOT NULL GROUP BY q, k) AS s
+                                  taskapp_rate_tat(kr.rate, kr.period, kr.tat, s.n, clock.at))
+        FROM clock,
+             (SELECT q, k, count(*) AS n FROM admitted WHERE k IS NOT NULL GROUP BY q, k) AS s
         JOIN key_rule AS kr ON kr.q = s.q AND kr.k = s.k
         WHERE kr.rate IS NOT NULL
         ON CONFLICT (queue, key) DO UPDATE
         SET rate_tat = excluded.rate_tat, rate_ready_at = excluded.rate_ready_at
     )
-    SELECT a.id, clock_timestamp() FROM admitted AS a;
+    SELECT a.id, clock.at FROM admitted AS a, clock;
 END
 $$;
 
