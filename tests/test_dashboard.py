@@ -461,3 +461,40 @@ def test_a_processing_task_is_cancelled_from_its_page(browser, instances):
     assert stored["status"] == "cancelled" and stored["result"] is None, stored
     assert stored["conversations"][0]["status"] == "active", stored
     assert console_errors(browser) == []
+
+
+def queue_row(driver: Any, name: str) -> dict[str, str] | None:
+    return js(
+        driver,
+        "const row = document.querySelector(`#queues-table tr[data-queue='${arguments[0]}']`);"
+        "return row ? {state: row.querySelector('.queue-state').textContent,"
+        " cells: [...row.cells].map((c) => c.textContent)} : null;",
+        name,
+    )
+
+
+def test_a_queue_is_paused_and_resumed_from_the_overview(browser, instances):
+    a = instances(WORKER_QUEUES="default:1,llm:1")
+    assert requests.post(f"{a.url}/queues/llm/pause", timeout=10).status_code == 200
+    limits = {"key_concurrency_limit": 2, "key_rate_limit": {"limit": 60, "period_seconds": 60}}
+    assert requests.put(f"{a.url}/queues/llm", json=limits, timeout=10).status_code == 200
+    for n in range(3):
+        body = {"title": f"llm {n}", "queue": "llm", "concurrency_key": "key-a"}
+        assert requests.post(f"{a.url}/tasks/", json=body, timeout=10).status_code == 201
+    open_dashboard(browser, a.url)
+    row = until(browser, lambda: (r := queue_row(browser, "llm")) and r["state"] == "paused" and r)
+    assert row["cells"][1] == "3"  # pending
+    assert "2 running per key" in row["cells"][3] and "per key: 60 per 60s" in row["cells"][3]
+
+    browser.find_element("css selector", "button.queue-action[data-queue='llm']").click()
+    until(browser, lambda: "Resumed llm" in browser.find_element("id", "queues-result").text)
+    assert requests.get(f"{a.url}/queues/llm", timeout=10).json()["paused"] is False
+    wait_for(
+        lambda: requests.get(f"{a.url}/queues/llm", timeout=5).json()["counts"]["completed"] == 3,
+        what="the resumed queue to drain",
+    )
+    until(browser, lambda: (r := queue_row(browser, "llm")) and r["cells"][1] == "0")
+    browser.find_element("css selector", "button.queue-action[data-queue='llm']").click()
+    until(browser, lambda: "Paused llm" in browser.find_element("id", "queues-result").text)
+    assert requests.get(f"{a.url}/queues/llm", timeout=10).json()["paused"] is True
+    assert console_errors(browser) == []

@@ -371,6 +371,7 @@
     const servedBy = document.getElementById("served-by");
     const throughput = new ThroughputChart(document.getElementById("throughput-chart"));
     const instances = new InstancesTable(document.getElementById("instances-table"));
+    const queues = new QueuesTable(document.getElementById("queues-table"), () => refreshCounts());
     const tasks = new TasksTable();
     let lastQueue = null;
     let oldest = null; // {seconds, fetchedAt}
@@ -387,6 +388,7 @@
       }
       lastQueue = data.queue;
       instances.update(data.instances, data.instance_id);
+      queues.update((await api("/queues/")).data);
       await refreshOldestPending(data.queue.pending);
     }
 
@@ -456,6 +458,70 @@
       renderOldest();
       throughput.render();
     }, 1000);
+  }
+
+  function describeRate(rate) {
+    return rate ? `${rate.limit} per ${rate.period_seconds}s` + (rate.burst > 1 ? ` (burst ${rate.burst})` : "") : "";
+  }
+
+  class QueuesTable {
+    constructor(table, onChange) {
+      this.body = table.tBodies[0];
+      this.result = document.getElementById("queues-result");
+      this.onChange = onChange;
+    }
+
+    update(rows) {
+      if (!rows.length) {
+        this.body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "empty" }, "No queues yet")));
+        return;
+      }
+      this.body.replaceChildren(...rows.map((queue) => this.row(queue)));
+    }
+
+    row(queue) {
+      const limits = [
+        queue.rate_limit ? `starts: ${describeRate(queue.rate_limit)}` : "",
+        queue.key_concurrency_limit ? `${queue.key_concurrency_limit} running per key` : "",
+        queue.key_rate_limit ? `per key: ${describeRate(queue.key_rate_limit)}` : "",
+      ].filter(Boolean);
+      const throttled = queue.throttled_until && Date.parse(queue.throttled_until) > serverNow();
+      const state = queue.paused
+        ? "paused"
+        : throttled
+          ? "throttled"
+          : queue.throttled_keys
+            ? `${queue.throttled_keys} key(s) throttled`
+            : "running";
+      const action = queue.paused ? "resume" : "pause";
+      const button = el("button", { type: "button", className: "queue-action" }, queue.paused ? "Resume" : "Pause");
+      button.dataset.queue = queue.name;
+      button.addEventListener("click", () => this.act(queue.name, action, button));
+      return el(
+        "tr",
+        { dataset: { queue: queue.name } },
+        el("td", {}, queue.name),
+        el("td", { className: "num" }, String(queue.counts.pending)),
+        el("td", { className: "num" }, String(queue.counts.processing)),
+        el("td", {}, limits.join("; ") || "none"),
+        el("td", { className: "queue-state" }, state),
+        el("td", {}, button),
+      );
+    }
+
+    async act(name, action, button) {
+      button.disabled = true;
+      this.result.className = "form-result";
+      try {
+        await api(`/queues/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+        this.result.classList.add("ok");
+        this.result.textContent = action === "pause" ? `Paused ${name} on every instance.` : `Resumed ${name}.`;
+      } catch (error) {
+        this.result.classList.add("error");
+        this.result.textContent = error instanceof ApiError ? error.message : String(error);
+      }
+      this.onChange();
+    }
   }
 
   class InstancesTable {
