@@ -131,6 +131,11 @@ class Settings:
     timeout_grace_seconds: float = 1.0
     # How often one task may ask to run later (processor.Defer) before that costs an attempt.
     max_deferrals: int = 20
+    # How long finished tasks are kept, per status, in seconds (0: for ever); the housekeeper
+    # deletes older ones in small batches.
+    retention_completed_seconds: float = 0.0
+    retention_failed_seconds: float = 0.0
+    retention_cancelled_seconds: float = 0.0
     max_event_streams: int = 100
     # Every statement of an instance shares this pool (database.Database.max_connections).
     db_pool_size: int = 20
@@ -176,6 +181,9 @@ class Settings:
             "TASK_TIMEOUT_SECONDS": ("task_timeout_seconds", int, 0),
             "TIMEOUT_GRACE_SECONDS": ("timeout_grace_seconds", float, 0),
             "MAX_DEFERRALS": ("max_deferrals", int, 0),
+            "RETENTION_COMPLETED_SECONDS": ("retention_completed_seconds", float, 0),
+            "RETENTION_FAILED_SECONDS": ("retention_failed_seconds", float, 0),
+            "RETENTION_CANCELLED_SECONDS": ("retention_cancelled_seconds", float, 0),
             "MAX_EVENT_STREAMS": ("max_event_streams", int, 0),
             "DB_POOL_SIZE": ("db_pool_size", int, 1),
             "EVENT_KEEPALIVE_SECONDS": ("event_keepalive_seconds", float, 0.1),
@@ -244,6 +252,16 @@ class Settings:
     def processor_for(self, queue_name: str) -> str:
         """The processor ('package.module:function') that runs this queue's tasks."""
         return dict(self.queue_processors).get(queue_name, self.task_processor)
+
+    @property
+    def retention(self) -> dict[str, float]:
+        """How long finished tasks of each status are kept, for the statuses with a limit."""
+        kept = {
+            "completed": self.retention_completed_seconds,
+            "failed": self.retention_failed_seconds,
+            "cancelled": self.retention_cancelled_seconds,
+        }
+        return {status: seconds for status, seconds in kept.items() if seconds > 0}
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -1,9 +1,12 @@
-"""The housekeeper thread of an instance: leases, heartbeats, rescue, forgetting instances.
+"""The housekeeper thread of an instance: leases, heartbeats, rescue, retention, forgetting
+instances.
 
 Every heartbeat interval (several per lease, so one missed round costs nothing) it renews the
 leases of the tasks this instance's worker holds (one statement whatever their number),
 records the instance's heartbeat for /status, re-queues any task in the cluster whose lease
-ran out (its instance died or stalled), and now and then forgets instances long gone.
+ran out (its instance died or stalled), deletes finished tasks past their retention
+(RETENTION_*_SECONDS; in batches, for at most PRUNE_BUDGET_SECONDS a round), and now and then
+forgets instances long gone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ log = logging.getLogger(__name__)
 FORGET_INSTANCES_AFTER_SECONDS = 3600.0
 # Forgetting instances is rare work: every this many rounds.
 FORGET_EVERY_ROUNDS = 60
+# Retention deletes this many tasks per statement (each a short transaction, with their
+# conversations and errors), for at most this long a round: leases are renewed on time and
+# a backlog of a million expired tasks still goes within minutes.
+PRUNE_BATCH = 1000
+PRUNE_BUDGET_SECONDS = 1.0
 
 
 class Housekeeper:
@@ -87,6 +95,7 @@ class Housekeeper:
             started_at=self.worker.started_at,
         )
         self.rescue()
+        self.prune()
         if self._rounds % FORGET_EVERY_ROUNDS == 0:
             queue.forget_instances(self.database, older_than_seconds=FORGET_INSTANCES_AFTER_SECONDS)
         self._rounds += 1
@@ -116,6 +125,25 @@ class Housekeeper:
             log.warning(
                 "task %d: lease ran out, now %s", task_id, status, extra={"task_id": task_id}
             )
+
+    def prune(self, budget_seconds: float = PRUNE_BUDGET_SECONDS) -> int:
+        """Delete finished tasks past their retention, a batch at a time, within the budget;
+        return how many."""
+        pruned = 0
+        deadline = time.monotonic() + budget_seconds
+        for status, keep_seconds in self.settings.retention.items():
+            while time.monotonic() < deadline:
+                count = queue.prune_finished(
+                    self.database, status=status, keep_seconds=keep_seconds, batch=PRUNE_BATCH
+                )
+                if count:
+                    metrics.tasks_pruned(status, count)
+                pruned += count
+                if count < PRUNE_BATCH:
+                    break
+        if pruned:
+            log.info("retention: deleted %d finished task(s)", pruned)
+        return pruned
 
     def _loop(self) -> None:
         while not self._done.is_set():

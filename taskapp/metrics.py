@@ -27,6 +27,9 @@ TASKS_COMPLETED = Counter("taskapp_tasks_completed", "Tasks completed")
 TASKS_RETRIED = Counter("taskapp_tasks_retried", "Failed attempts sent back to pending")
 TASKS_FAILED = Counter("taskapp_tasks_failed", "Tasks failed for good (out of attempts)")
 TASKS_RESCUED = Counter("taskapp_tasks_rescued", "Tasks taken back after their lease ran out")
+TASKS_PRUNED = Counter(
+    "taskapp_tasks_pruned", "Finished tasks deleted past their retention", ["status"]
+)
 TASKS_DEFERRED = Counter("taskapp_tasks_deferred", "Attempts that deferred their task (Defer)")
 TASKS_TIMED_OUT = Counter(
     "taskapp_tasks_timed_out", "Attempts failed at their timeout", ["abandoned"]
@@ -74,6 +77,10 @@ def task_timed_out(*, abandoned: bool) -> None:
 
 def tasks_rescued(count: int) -> None:
     TASKS_RESCUED.inc(count)
+
+
+def tasks_pruned(status: str, count: int) -> None:
+    TASKS_PRUNED.labels(status=status).inc(count)
 
 
 class QueueCollector(Collector):

@@ -126,6 +126,13 @@ class Task(Model):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_tasks_status", "status"),
+        # Finished tasks by age, for retention (sql/retention.sql).
+        Index(
+            "ix_tasks_finished",
+            "status",
+            "updated_at",
+            postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
+        ),
         # What runs per concurrency key, for the limits (taskapp_admit, migration 0007).
         Index(
             "ix_tasks_running_keys",

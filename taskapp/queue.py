@@ -369,3 +369,9 @@ def oldest_pending_age(database: Database) -> float:
 
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
+
+
+def prune_finished(database: Database, *, status: str, keep_seconds: float, batch: int) -> int:
+    """Delete up to `batch` tasks of a finished status unchanged for keep_seconds; how many."""
+    params = {"status": status, "keep_seconds": keep_seconds, "batch": batch}
+    return len(database.fetch("prune_finished", params))
