@@ -55,7 +55,8 @@ CLAIM_PARAMS = {
     "lease_tokens": [],
     "results": [],
     "instance_id": "bench-explain",
-    "limit": 1,
+    "queues": ["default"],
+    "limits": [1],
     "lease_seconds": 30,
 }
 
