@@ -322,7 +322,8 @@ def test_65000_conversations_are_refused_in_under_50_ms(instances) -> None:
 
 
 class Nginx:
-    """deploy/nginx.conf, with its one upstream and its port set, run as a real nginx."""
+    """deploy/nginx.conf as the pod's sidecar runs it (its upstream the one instance on
+    localhost, deploy/nginx-upstream-pod.conf), with the ports set, run as a real nginx."""
 
     def __init__(self, upstream_port: int, tmp: Path) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -330,8 +331,12 @@ class Nginx:
             pytest.fail("nginx is not installed: apt-get install nginx (tools/system_packages.sh)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        upstream = (ROOT / "deploy" / "nginx-upstream-pod.conf").read_text()
+        assert "server 127.0.0.1:8000;" in upstream
+        upstream = upstream.replace(":8000;", f":{upstream_port};")
+        (tmp / "taskapp-upstream.conf").write_text(upstream)  # next to nginx.conf, as mounted
         text = (ROOT / "deploy" / "nginx.conf").read_text()
-        text = text.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        assert "listen 8080;" in text
         text = text.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
         # Run as this user, with everything it writes in tmp.
         temp = "".join(
