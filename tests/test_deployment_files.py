@@ -26,6 +26,49 @@ DOCKERFILE = ROOT / "Dockerfile"
 SERVICE_COMMAND = ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
 
 
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+UPSTREAM_INCLUDE = "taskapp-upstream.conf"  # what nginx.conf includes in its upstream
+
+
+def _proxy_service() -> tuple[str, dict[str, Any]]:
+    """The one compose service that runs nginx (from the official image, at a pinned tag)."""
+    proxies = [
+        (name, spec)
+        for name, spec in _compose()["services"].items()
+        if str(spec.get("image", "")).startswith("nginx")
+    ]
+    assert len(proxies) == 1, "no nginx in front of the instances"
+    name, spec = proxies[0]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+", spec["image"]), "pin the nginx version"
+    return name, spec
+
+
+def _nginx_text() -> str:
+    """deploy/nginx.conf without its comments."""
+    return re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+
+
+def _nginx_listen_port() -> int:
+    (port,) = re.findall(r"^\s*listen\s+(\d+);", _nginx_text(), re.M)
+    return int(port)
+
+
+def _upstream_servers(path: Path) -> set[str]:
+    text = re.sub(r"#[^\n]*", "", path.read_text())
+    return set(re.findall(r"^\s*server\s+(\S+?)\s*;", text, re.M))
+
+
+def _nginx_config_argument(command: list[str]) -> str:
+    """The file an `nginx -c FILE -g 'daemon off; ...'` command runs."""
+    assert command[0] == "nginx", command
+    assert "daemon off;" in command[command.index("-g") + 1], "nginx must stay in the foreground"
+    return command[command.index("-c") + 1]
+
+
+def _kubernetes(name: str) -> dict[str, Any]:
+    return YAML(typ="safe").load((ROOT / "deploy" / "kubernetes" / name).read_text())
+
+
 def _compose() -> dict[str, Any]:
     return YAML(typ="safe").load(COMPOSE_FILE.read_text())
 
@@ -99,16 +142,103 @@ def test_compose_file_matches_the_compose_spec() -> None:
     assert "version" not in _compose(), "the top-level version key is obsolete"
 
 
-def test_two_app_services_publish_12000_and_12001_to_the_container_port() -> None:
-    published = {}
+def test_only_the_proxy_publishes_12000_and_12001_and_the_instances_nothing() -> None:
     for name, spec in _app_services().items():
-        for mapping in spec.get("ports", []):
-            host, container = str(mapping).rsplit(":", 1)
-            published[int(host.rsplit(":", 1)[-1])] = (name, int(container))
+        # Reachable from outside only through nginx, which holds slow clients for them.
+        assert not spec.get("ports"), f"{name} publishes {spec['ports']} around the proxy"
+        assert spec.get("network_mode") != "host", name
+    name, proxy = _proxy_service()
+    published = {}
+    for mapping in proxy["ports"]:
+        host, container = str(mapping).rsplit(":", 1)
+        published[int(host.rsplit(":", 1)[-1])] = int(container)
+    # The README's ports (run.sh serves the same two without Docker).
     assert sorted(published) == [12000, 12001] == sorted(DEFAULT_PORTS)
-    assert len({name for name, _ in published.values()}) == 2, "one port per instance"
-    (exposed,) = _arguments("EXPOSE")
-    assert {container for _, container in published.values()} == {int(exposed)}
+    assert set(published.values()) == {_nginx_listen_port()}, "not the port nginx listens on"
+    others = {
+        service
+        for service, spec in _compose()["services"].items()
+        if spec.get("ports") and service not in {name, "db"}
+    }
+    assert not others, others
+
+
+def test_the_proxy_runs_deploy_nginx_conf_with_the_compose_services_as_its_upstream() -> None:
+    _, proxy = _proxy_service()
+    config_path = _nginx_config_argument(proxy["command"])
+    mounts = {}
+    for volume in proxy["volumes"]:
+        source, target, *mode = str(volume).split(":")
+        assert mode == ["ro"], volume
+        mounts[target] = (ROOT / source).resolve()
+    assert mounts[config_path] == NGINX_CONF
+    # The upstream file nginx.conf includes, mounted next to it.
+    upstream_file = mounts[str(Path(config_path).parent / UPSTREAM_INCLUDE)]
+    assert upstream_file == ROOT / "deploy" / "nginx-upstream-compose.conf"
+    app_services = _app_services()
+    (port,) = _arguments("EXPOSE")
+    assert _upstream_servers(upstream_file) == {f"{name}:{port}" for name in app_services}
+    for name in app_services:
+        assert name in proxy["depends_on"], f"nginx starts before {name} exists"
+        assert proxy["depends_on"][name].get("restart") is True, name
+
+
+def test_nginx_conf_takes_its_instances_from_the_included_upstream_file() -> None:
+    text = _nginx_text()
+    (upstream,) = re.findall(r"upstream taskapp \{(.*?)\}", text, re.S)
+    assert f"include {UPSTREAM_INCLUDE};" in upstream
+    assert not re.search(r"^\s*server\s", upstream, re.M), "instances are the include's"
+    assert text.count("proxy_pass http://taskapp;") >= 3
+
+
+def test_the_pods_run_nginx_as_a_sidecar_with_the_config_kustomize_generates() -> None:
+    compose_image = _proxy_service()[1]["image"]
+    deployment = _kubernetes("deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (proxy,) = [c for c in pod.get("initContainers", []) if c["image"].startswith("nginx:")]
+    assert proxy["restartPolicy"] == "Always", "a native sidecar: up while the instance drains"
+    assert proxy["image"] == compose_image, "compose and the pods run different nginx"
+    assert not [c for c in pod["containers"] if c["image"].startswith("nginx:")]
+    # Its configuration: a ConfigMap generated from deploy/nginx.conf and the pod's upstream.
+    config_path = _nginx_config_argument(proxy["command"])
+    kustomization = YAML(typ="safe").load((ROOT / "deploy" / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    files = dict(
+        entry.split("=", 1) if "=" in entry else (Path(entry).name, entry)
+        for entry in generator["files"]
+    )
+    sources = {key: (ROOT / "deploy" / value).resolve() for key, value in files.items()}
+    assert sources == {
+        Path(config_path).name: NGINX_CONF,
+        UPSTREAM_INCLUDE: ROOT / "deploy" / "nginx-upstream-pod.conf",
+    }
+    volumes = {
+        volume["name"]: volume["configMap"]["name"]
+        for volume in pod["volumes"]
+        if "configMap" in volume
+    }
+    mounts = {mount["mountPath"]: mount["name"] for mount in proxy["volumeMounts"]}
+    assert volumes[mounts[str(Path(config_path).parent)]] == generator["name"]
+    # nginx writes its buffers and pid file to volumes: the root filesystem is read-only.
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"/var/cache/nginx", "/tmp"} <= set(mounts)
+    assert "pid /tmp/" in proxy["command"][-1]
+
+
+def test_the_service_reaches_the_sidecar_and_the_probes_the_instance() -> None:
+    pod = _kubernetes("deployment.yaml")["spec"]["template"]["spec"]
+    (proxy,) = pod["initContainers"]
+    (app,) = pod["containers"]
+    (proxy_port,) = proxy["ports"]
+    (app_port,) = app["ports"]
+    assert proxy_port["containerPort"] == _nginx_listen_port()
+    (service_port,) = _kubernetes("service.yaml")["spec"]["ports"]
+    assert service_port["targetPort"] == proxy_port["name"], "the Service bypasses the proxy"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert app[probe]["httpGet"]["port"] == app_port["name"], probe
+    # The sidecar's upstream is the instance in its own pod, at its port.
+    upstream = _upstream_servers(ROOT / "deploy" / "nginx-upstream-pod.conf")
+    assert upstream == {f"127.0.0.1:{app_port['containerPort']}"}
 
 
 def test_app_services_wait_for_a_healthy_database_they_can_reach() -> None:

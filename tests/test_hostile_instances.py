@@ -5,13 +5,17 @@ keeps (threads, descriptors, stream slots) and how another client is served mean
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
+import random
 import re
 import shutil
 import signal
 import socket
 import statistics
+import string
 import subprocess
 import threading
 import time
@@ -227,6 +231,170 @@ def test_sigterm_among_stalled_clients_is_not_held_up(instances, db_conn):
     assert took < grace + 2  # was 22 s with 10 of them
 
 
+def read_response(sock: socket.socket, buffer: bytearray) -> tuple[bytes, bytes]:
+    """One response on a keep-alive connection (head, body), by its Content-Length."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        buffer += chunk
+    end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:end])
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head)[1])
+    while len(buffer) < end + length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        buffer += chunk
+    body = bytes(buffer[end : end + length])
+    del buffer[: end + length]
+    return head, body
+
+
+def random_methods(port: int, count: int) -> collections.Counter[bytes]:
+    """`count` requests `XXXXXXXXXXXX /health` with random 12-letter methods, one after the
+    other on one keep-alive connection; the status lines they got."""
+    statuses: collections.Counter[bytes] = collections.Counter()
+    buffer = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(count):
+            method = "".join(random.choices(string.ascii_uppercase, k=12))
+            sock.sendall(f"{method} /health HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head, _ = read_response(sock, buffer)
+            statuses[head.split(b"\r\n", 1)[0]] += 1
+    return statuses
+
+
+def test_20000_random_methods_grow_neither_the_memory_nor_the_metrics(instances) -> None:
+    instance = instances(WORKER_ENABLED=0, DB_POOL_SIZE=3)
+    pid = instance.worker_pid()
+    random_methods(instance.port, 500)  # first-time paths (the 405, its metric series) warm
+    metrics_before = len(requests.get(f"{instance.url}/metrics", timeout=10).content)
+    rss_before = rss_mb(pid)
+    started = time.monotonic()
+    connections = 4
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        counts = list(pool.map(random_methods, [instance.port] * connections, [5000] * 4))
+    took = time.monotonic() - started
+    statuses = sum(counts, collections.Counter())
+    rss_after = rss_mb(pid)
+    metrics = requests.get(f"{instance.url}/metrics", timeout=10)
+    print(
+        f"\n20,000 random methods in {took:.1f}s over {connections} connections "
+        f"({dict(statuses)}): RSS {rss_before:.1f} -> {rss_after:.1f} MB, /metrics "
+        f"{metrics_before / 1000:.1f} -> {len(metrics.content) / 1000:.1f} KB in "
+        f"{metrics.elapsed.total_seconds() * 1000:.0f} ms"
+    )
+    assert sum(statuses.values()) == 20_000
+    assert set(statuses) == {b"HTTP/1.1 405 METHOD NOT ALLOWED"}, statuses
+    assert rss_after - rss_before < 5  # was 82 -> 376 MB
+    assert len(metrics.content) < 100_000  # was 31.8 MB
+    assert metrics.elapsed.total_seconds() < 1
+
+
+def stalled_streams(port: int, each: int) -> list[socket.socket]:
+    """`each` never-reading WebSocket clients and as many never-reading SSE clients."""
+    socks = [never_reading(port, WS_HANDSHAKE.format(query="")) for _ in range(each)]
+    return socks + [never_reading(port, SSE_REQUEST) for _ in range(each)]
+
+
+def test_400_never_reading_stream_clients_leave_the_api_served(instances, db_conn) -> None:
+    # 200 WebSocket and 200 SSE clients that never read, each holding a request thread until
+    # its write times out (EVENT_SEND_TIMEOUT_SECONDS, 5 s by default) while events flow.
+    streams, send_timeout = 400, 5
+    instance = instances(
+        WORKER_ENABLED=0,
+        DB_POOL_SIZE=4,
+        MAX_EVENT_STREAMS=streams,
+        GUNICORN_THREADS=streams + 16,
+        EVENT_SEND_TIMEOUT_SECONDS=send_timeout,
+        EVENT_KEEPALIVE_SECONDS=15,
+    )
+    pid = instance.worker_pid()
+    cold_threads = threads_of(pid)
+    # gunicorn's thread pool grows to GUNICORN_THREADS and never shrinks: the baseline is the
+    # pool grown once, by as many streams and the two API clients beside them, then idle.
+    with Latency(instance.url), Latency(instance.url):
+        readers = stalled_streams(instance.port, streams // 2)
+        wait_for(lambda: open_streams(instance) == streams, timeout=30, what="streams open")
+        time.sleep(1)
+        for sock in readers:
+            sock.close()
+        wait_for(lambda: open_streams(instance) == 0, timeout=10, what="readers gone")
+    baseline = threads_of(pid)
+    stalled = stalled_streams(instance.port, streams // 2)
+    try:
+        wait_for(lambda: open_streams(instance) == streams, timeout=30, what="stalls open")
+        peak = threads_of(pid)
+        with Latency(instance.url) as other, Latency(instance.url) as another:
+            # 300 events of 4 KB over 3 s: more than a stalled client's socket buffers hold
+            # (so each write comes to wait), fewer than would cut it off (1,000 behind): each
+            # stalled stream ends by its write's timeout.
+            first_events = time.monotonic()
+            for _ in range(6):
+                publish(db_conn, 50)
+                time.sleep(0.5)
+            stalls_end = time.monotonic()
+            wait_for(lambda: open_streams(instance) == 0, timeout=15, what="stalls released")
+            released = time.monotonic() - stalls_end
+            since_first = time.monotonic() - first_events
+            time.sleep(1)  # the API measured past the release too
+        times = other.times + another.times
+        p99 = statistics.quantiles(times, n=100)[98]
+        after = threads_of(pid)
+        assert not other.failures + another.failures, other.failures + another.failures
+        # Every thread is free again: as many new streams as the cap are served at once.
+        fresh = stalled_streams(instance.port, streams // 2)
+        try:
+            wait_for(lambda: open_streams(instance) == streams, timeout=15, what="fresh streams")
+            assert requests.get(f"{instance.url}/tasks/", timeout=5).status_code == 200
+        finally:
+            for sock in fresh:
+                sock.close()
+        back = time.monotonic() - stalls_end
+        with_fresh = threads_of(pid)
+    finally:
+        for sock in stalled:
+            sock.close()
+    print(
+        f"\n{streams} never-reading stream clients: released {since_first:.1f}s after the first "
+        f"events, {released:.1f}s after the last, every thread free again {back:.1f}s after "
+        f"them; other clients' p99 "
+        f"{p99 * 1000:.0f} ms (max {max(times) * 1000:.0f} ms) over {len(times)} requests; "
+        f"threads cold {cold_threads}, pool grown {baseline}, with stalls {peak}, after {after}, "
+        f"with {streams} fresh streams {with_fresh}"
+    )
+    assert p99 < 1.0
+    # Nothing beyond gunicorn's pool (no thread per client, none left behind); the pool itself
+    # may grow by a few threads for the API clients beside 400 streams.
+    pool = cold_threads + streams + 16
+    assert after <= pool and with_fresh <= pool and after <= baseline + 4, "threads left behind"
+    assert since_first < send_timeout + 5 and back < 10
+
+
+def test_sigterm_among_400_never_reading_stream_clients(instances, db_conn) -> None:
+    grace, streams = 3, 400
+    instance = instances(
+        WORKER_ENABLED=0,
+        DB_POOL_SIZE=3,
+        SHUTDOWN_GRACE_SECONDS=grace,
+        MAX_EVENT_STREAMS=streams,
+        GUNICORN_THREADS=streams + 16,
+    )
+    stalled = stalled_streams(instance.port, streams // 2)
+    try:
+        wait_for(lambda: open_streams(instance) == streams, timeout=30, what="stalls open")
+        publish(db_conn, 200)  # their buffers fill; their writes wait
+        time.sleep(1)
+        started = time.monotonic()
+        instance.signal_master(signal.SIGTERM)
+        assert instance.wait_exit(timeout=30) == 0
+        took = time.monotonic() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+    print(f"\nSIGTERM with {streams} never-reading stream clients: {took:.2f}s (grace {grace}s)")
+    assert took < grace + 2
+
+
 def raw_request(port: int, data: bytes, timeout: float = 5) -> bytes:
     """Send bytes, read until the server closes (or is quiet for a moment): the whole answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -322,7 +490,8 @@ def test_65000_conversations_are_refused_in_under_50_ms(instances) -> None:
 
 
 class Nginx:
-    """deploy/nginx.conf, with its one upstream and its port set, run as a real nginx."""
+    """deploy/nginx.conf as the pod's sidecar runs it (its upstream the one instance on
+    localhost, deploy/nginx-upstream-pod.conf), with the ports set, run as a real nginx."""
 
     def __init__(self, upstream_port: int, tmp: Path) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -330,8 +499,12 @@ class Nginx:
             pytest.fail("nginx is not installed: apt-get install nginx (tools/system_packages.sh)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        upstream = (ROOT / "deploy" / "nginx-upstream-pod.conf").read_text()
+        assert "server 127.0.0.1:8000;" in upstream
+        upstream = upstream.replace(":8000;", f":{upstream_port};")
+        (tmp / "taskapp-upstream.conf").write_text(upstream)  # next to nginx.conf, as mounted
         text = (ROOT / "deploy" / "nginx.conf").read_text()
-        text = text.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        assert "listen 8080;" in text
         text = text.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
         # Run as this user, with everything it writes in tmp.
         temp = "".join(
@@ -410,8 +583,8 @@ def test_slowloris_starves_a_bare_instance_but_not_one_behind_nginx(instances, t
         _, bare_failures = served(instance.url, 3)
     assert bare_failures, "a bare gthread instance was expected to be starved"
     wait_for(lambda: served(instance.url, 1)[1] == [], timeout=30, what="the instance back")
-    # Behind nginx: 120 such connections, and everyone else is served as usual.
-    with Nginx(instance.port, tmp_path) as nginx, slowloris(nginx.port, 120) as socks:
+    # Behind nginx: 500 such connections, and everyone else is served as usual.
+    with Nginx(instance.port, tmp_path) as nginx, slowloris(nginx.port, 500) as socks:
         time.sleep(2)
         times, failures = served(nginx.url, 100)
         # nginx gives up on them at client_header_timeout (10 s): a 408, or just closed.
@@ -419,7 +592,7 @@ def test_slowloris_starves_a_bare_instance_but_not_one_behind_nginx(instances, t
     p99 = statistics.quantiles(times, n=100)[98]
     print(
         f"\nslowloris: bare instance {len(bare_failures)}/3 requests failed; behind nginx with "
-        f"120 connections ({held} open) 100/100 served, p50 {statistics.median(times) * 1000:.1f}"
+        f"500 connections ({held} open) 100/100 served, p50 {statistics.median(times) * 1000:.1f}"
         f" ms, p99 {p99 * 1000:.1f} ms"
     )
     assert not failures, failures

@@ -24,11 +24,9 @@ HAND_BACK_SECONDS = 10
 
 
 def documents() -> dict[str, dict[str, Any]]:
-    """Every manifest but the kustomization, by kind."""
+    """Every manifest in deploy/kubernetes/, by kind."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(DEPLOY.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
         for document in YAML(typ="safe").load_all(path.read_text()):
             assert document["kind"] not in found, f"two {document['kind']}s"
             found[document["kind"]] = document
@@ -70,11 +68,13 @@ def test_the_validation_catches_a_misspelt_field(manifests) -> None:
 
 
 def test_the_kustomization_lists_every_manifest_but_the_job() -> None:
-    kustomization = YAML(typ="safe").load((DEPLOY / "kustomization.yaml").read_text())
+    # One level up, so that it may generate nginx's ConfigMap from deploy/nginx.conf.
+    kustomization = YAML(typ="safe").load((DEPLOY.parent / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    on_disk = {f"kubernetes/{p.name}" for p in DEPLOY.glob("*.yaml")}
+    assert not (DEPLOY / "kustomization.yaml").exists(), "two kustomizations"
     # The Job runs before the rollout, on its own (migrate-job.yaml says how).
-    assert listed == on_disk - {"migrate-job.yaml"}
+    assert listed == on_disk - {"kubernetes/migrate-job.yaml"}
 
 
 def test_the_probes_are_the_services_own(manifests, app: Flask) -> None:

@@ -11,7 +11,6 @@ thread, and a refused WebSocket is a plain HTTP answer before any upgrade.
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import socket
 import time
@@ -43,6 +42,13 @@ bp = Blueprint("events", __name__)
 TICK_SECONDS = 1.0
 # What one look reads at most from a WebSocket client, so a flood can't keep the thread.
 READS_PER_LOOK = 16
+# The kernel's send buffer for a stream's socket. Left to autotuning it grows to 4 MB
+# (tcp_wmem), so a client that stops reading took 4 MB of kernel memory and a thousand
+# events of 4 KB before its writes had to wait, and EVENT_SEND_TIMEOUT_SECONDS could start
+# counting. Twice this (the kernel doubles it) is still over 1 MB/s to a reader 100 ms away.
+STREAM_SEND_BUFFER_BYTES = 64 * 1024
+# A write waiting for room looks this often whether its stream was closed (a SIGTERM).
+WRITE_WAIT_SLICE_SECONDS = 0.25
 
 
 def _subscribe() -> Subscription:
@@ -71,6 +77,19 @@ def _ready(sock: socket.socket, events: int, timeout: float) -> bool:
     return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
+def _writable(sock: socket.socket, timeout: float, subscription: Subscription) -> bool:
+    """Whether the socket has room for a write within timeout seconds; False at once when the
+    stream is closed meanwhile (a SIGTERM), so a stalled client doesn't hold up the stop."""
+    deadline = time.monotonic() + timeout
+    while not subscription.closed:
+        remaining = deadline - time.monotonic()
+        if _ready(sock, select.POLLOUT, min(remaining, WRITE_WAIT_SLICE_SECONDS)):
+            return True
+        if remaining <= WRITE_WAIT_SLICE_SECONDS:
+            return False
+    return False
+
+
 def _client_gone(sock: socket.socket) -> bool:
     """Whether an SSE client closed its end (it sends nothing once its request is in)."""
     if not _ready(sock, select.POLLIN, 0):
@@ -79,6 +98,13 @@ def _client_gone(sock: socket.socket) -> bool:
         return sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+def _stream_socket(sock: socket.socket, send_timeout: float) -> None:
+    """Ready a stream's socket: writes wait at most send_timeout, in a buffer of bounded size."""
+    sock.settimeout(send_timeout)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
 
 
 def _hang_up(sock: socket.socket, how: int) -> None:
@@ -97,7 +123,7 @@ def server_sent_events() -> Response:
         with subscription:
             if sock is not None:
                 # gunicorn writes what we yield; this bounds each of its sendall() calls.
-                sock.settimeout(send_timeout)
+                _stream_socket(sock, send_timeout)
             yield ": connected\n\n"
             written = time.monotonic()
             healthy = True
@@ -107,12 +133,12 @@ def server_sent_events() -> Response:
                     healthy = False
                     break
                 if event is not None:
-                    chunk = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                    chunk = f"event: {event.data['type']}\ndata: {event.text}\n\n"
                 elif time.monotonic() - written >= keepalive:
                     chunk = ": keep-alive\n\n"
                 else:
                     continue
-                if sock is not None and not _ready(sock, select.POLLOUT, send_timeout):
+                if sock is not None and not _writable(sock, send_timeout, subscription):
                     healthy = False  # stalled: nothing it was sent is being read
                     break
                 yield chunk
@@ -166,7 +192,7 @@ def websocket() -> Response:
     # Refusals (too many streams, a bad task_id) are answered here, before the upgrade.
     with _subscribe() as subscription:
         config = settings()
-        sock.settimeout(config.event_send_timeout_seconds)
+        _stream_socket(sock, config.event_send_timeout_seconds)
         try:
             _serve_websocket(sock, connection, subscription)
         except (OSError, ProtocolError):
@@ -188,12 +214,12 @@ def _serve_websocket(
         if not _answer_client(sock, connection):
             return
         if event is not None:
-            data = connection.send(TextMessage(data=json.dumps(event)))
+            data = connection.send(TextMessage(data=event.text))
         elif time.monotonic() - written >= keepalive:
             data = connection.send(Ping())  # also finds a peer that vanished without a FIN
         else:
             continue
-        if not _ready(sock, select.POLLOUT, send_timeout):
+        if not _writable(sock, send_timeout, subscription):
             return  # stalled: hang up without a close frame it would not read
         sock.sendall(data)
         written = time.monotonic()
