@@ -29,7 +29,7 @@ out="$results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
 run_all() {
   local status=0
   echo "# taskapp benchmarks $(date -u '+%Y-%m-%d %H:%M UTC')${quick:+ (quick)}"
-  for bench in http drain pickup growth memory retention inflight live_output peers; do
+  for bench in http drain flow pickup growth memory retention inflight live_output peers; do
     case " ${BENCH_SKIP:-} " in
       *" $bench "*) echo "[run_all] bench.$bench skipped (BENCH_SKIP)" >&2; continue ;;
     esac

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLES = [
     "### HTTP, one instance vs. hello world",
     "### Queue drain of",
+    "### Flow control: drain of",
     "### Pickup latency",
     "### Growth:",
     "#### Claim plan with",
