@@ -13,6 +13,7 @@ from typing import Any
 
 from .database import Database
 from .errors import NotFound
+from .services import update_params
 
 QUEUE_LIMITS = ("rate_limit", "key_concurrency_limit", "key_rate_limit")
 KEY_LIMITS = ("concurrency_limit", "rate_limit")
@@ -36,21 +37,14 @@ def _rate_params(prefix: str, rate: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _flags(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, bool]:
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"not settable: {sorted(unknown)}")
-    return {f"set_{name}": name in data for name in names}
-
-
 def configure_queue(*, database: Database, name: str, data: Mapping[str, Any]) -> str:
     """Change the limits given (None removes one); the others stay."""
     params = {
         "name": name,
-        **_flags(data, QUEUE_LIMITS),
+        **update_params(data, QUEUE_LIMITS),
+        # A rate is three columns: its dict's place in the parameters goes to them.
         **_rate_params("", data.get("rate_limit")),
         **_rate_params("key_", data.get("key_rate_limit")),
-        "key_concurrency_limit": data.get("key_concurrency_limit"),
     }
     return str(database.fetchone("configure_queue", params).json)
 
@@ -85,9 +79,8 @@ def configure_key(*, database: Database, queue: str, key: str, data: Mapping[str
     params = {
         "queue": queue,
         "key": key,
-        **_flags(data, KEY_LIMITS),
+        **update_params(data, KEY_LIMITS),
         **_rate_params("", data.get("rate_limit")),
-        "concurrency_limit": data.get("concurrency_limit"),
     }
     with database.transaction() as conn:
         database.fetch("configure_key", params, conn=conn)

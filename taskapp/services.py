@@ -150,7 +150,7 @@ def create_task_idempotently(
         return Rendered(row.id, row.json)
 
 
-def _changes(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+def update_params(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """A statement's parameters for a partial update: set_NAME flags and the new values."""
     unknown = set(data) - set(names)
     if unknown:
@@ -170,7 +170,7 @@ def update_task(
     task as it now is. No fields: the task as it is, no event."""
     if not data:
         return get_task(database=database, task_id=task_id)
-    params = {**_changes(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
+    params = {**update_params(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
     with database.connection() as conn:
         row = database.fetchone("update_task", params, conn=conn)
         moving = "queue" in data or "concurrency_key" in data
@@ -270,7 +270,7 @@ def update_conversation(
         row = database.fetchone("get_conversation", {"conversation_id": conversation_id})
         return _rendered(row, _conversation_not_found, conversation_id)
     params = {
-        **_changes(data, CONVERSATION_FIELDS),
+        **update_params(data, CONVERSATION_FIELDS),
         "conversation_id": conversation_id,
         "instance_id": instance_id,
     }

@@ -73,7 +73,6 @@ class Worker:
         self.slots = dict(settings.served_queues) if settings.worker_enabled else {}
         # Either form of processor, called as (task, context); decided once, here. `processor`
         # serves every queue that `processors` does not name.
-        self.processor = adapt(processor)
         self._processors = {
             name: adapt((processors or {}).get(name, processor)) for name in self.slots
         }

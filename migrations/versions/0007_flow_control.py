@@ -110,6 +110,9 @@ RETURNS TABLE (task_id bigint, started_at timestamptz)
 -- hashed the whole tasks table to update the admitted rows (a drain at a tenth of its speed).
 LANGUAGE plpgsql VOLATILE ROWS 10 AS $$
 BEGIN
+    IF candidate_ids IS NULL THEN
+        RETURN;  -- a round that only writes completions
+    END IF;
     PERFORM pg_advisory_xact_lock_shared(taskapp_flow_lock(s.q, NULL))
     FROM (SELECT DISTINCT q FROM unnest(candidate_queues) AS q ORDER BY q OFFSET 0) AS s;
     IF NOT EXISTS (SELECT 1 FROM unnest(candidate_keys) AS k WHERE k IS NOT NULL)
@@ -206,6 +209,25 @@ BEGIN
 END
 $$;
 
+-- The queues among these that start nothing now: paused, or (until when) out of rate or
+-- throttled as a whole.
+CREATE FUNCTION taskapp_closed_queues(queue_names text[])
+RETURNS TABLE (name text, paused boolean, until timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT q.name, q.paused, greatest(q.rate_ready_at, q.throttled_until)
+    FROM queues AS q
+    WHERE q.name = ANY(queue_names)
+      AND (q.paused OR q.rate_ready_at > now() OR q.throttled_until > now())
+$$;
+
+-- Every queue configured or holding tasks.
+CREATE FUNCTION taskapp_known_queues() RETURNS SETOF text
+LANGUAGE sql STABLE AS $$
+    SELECT name FROM queues
+    UNION
+    SELECT queue FROM task_counts GROUP BY queue HAVING sum(n) <> 0
+$$;
+
 -- The keys of these queues that can start nothing now, and until when if that is known:
 -- at their concurrency limit (until one finishes: NULL), out of rate or throttled.
 CREATE FUNCTION taskapp_blocked_keys(queue_names text[])
@@ -237,6 +259,8 @@ $$;
 _DROP_FUNCTIONS = """
 DROP FUNCTION taskapp_key_freed();
 DROP FUNCTION taskapp_blocked_keys(text[]);
+DROP FUNCTION taskapp_known_queues();
+DROP FUNCTION taskapp_closed_queues(text[]);
 DROP FUNCTION taskapp_admit(bigint[], text[], text[]);
 DROP FUNCTION taskapp_key_rule(text, text);
 DROP FUNCTION taskapp_rate_ready(integer, double precision, integer, timestamptz);
@@ -313,6 +337,15 @@ def upgrade():
             {_STATE_COLUMNS},
             PRIMARY KEY (queue, key)
         )""")
+    # Counts by queue: every existing task is in `default`.
+    op.execute("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE")
+    op.execute(
+        "ALTER TABLE task_counts ADD COLUMN queue varchar(64) NOT NULL DEFAULT 'default'"
+    )
+    op.execute("ALTER TABLE task_counts DROP CONSTRAINT task_counts_pkey")
+    op.execute("ALTER TABLE task_counts ADD PRIMARY KEY (queue, status, shard)")
+    op.execute("ALTER TABLE task_counts ALTER COLUMN queue DROP DEFAULT")
+    op.execute(_count_functions(with_queue=True))
     op.execute(_FUNCTIONS)
     op.execute("""
         CREATE TRIGGER tasks_key_freed AFTER UPDATE ON tasks FOR EACH ROW
@@ -323,15 +356,6 @@ def upgrade():
         CREATE TRIGGER tasks_key_freed_by_delete AFTER DELETE ON tasks FOR EACH ROW
         WHEN (OLD.status = 'processing' AND OLD.concurrency_key IS NOT NULL)
         EXECUTE FUNCTION taskapp_key_freed()""")
-    # Counts by queue: every existing task is in `default`.
-    op.execute("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE")
-    op.execute(
-        "ALTER TABLE task_counts ADD COLUMN queue varchar(64) NOT NULL DEFAULT 'default'"
-    )
-    op.execute("ALTER TABLE task_counts DROP CONSTRAINT task_counts_pkey")
-    op.execute("ALTER TABLE task_counts ADD PRIMARY KEY (queue, status, shard)")
-    op.execute("ALTER TABLE task_counts ALTER COLUMN queue DROP DEFAULT")
-    op.execute(_count_functions(with_queue=True))
 
 
 def downgrade():

@@ -6,13 +6,8 @@
 
 -- name: list_queues
 -- Every queue configured or holding tasks, by name.
-WITH names AS (
-    SELECT name FROM queues
-    UNION
-    SELECT queue FROM task_counts GROUP BY queue HAVING sum(n) <> 0
-)
 SELECT coalesce(json_agg({{ queue_json(q, n.name) }} ORDER BY n.name), '[]')::text AS json
-FROM names AS n
+FROM taskapp_known_queues() AS n(name)
 LEFT JOIN queues AS q ON q.name = n.name;
 
 -- name: get_queue
@@ -126,11 +121,10 @@ WHERE queue = :queue AND key = :key
 RETURNING pg_notify('taskapp_wakeup', '') AS woken;
 
 -- name: flow_gauges
--- Per queue, for /metrics: tasks running, keys that can start nothing now, paused.
+-- Per queue, for /metrics: tasks running, keys that can start nothing now, paused, and
+-- whether the queue as a whole can start nothing (out of rate or throttled).
 WITH names AS (
-    SELECT name FROM queues
-    UNION
-    SELECT queue FROM task_counts GROUP BY queue HAVING sum(n) <> 0
+    SELECT name FROM taskapp_known_queues() AS n(name) ORDER BY name LIMIT :limit
 )
 SELECT n.name,
        (SELECT coalesce(sum(tc.n), 0) FROM task_counts AS tc
@@ -138,9 +132,8 @@ SELECT n.name,
        (SELECT count(*) FROM concurrency_keys AS k
         WHERE k.queue = n.name
           AND (k.rate_ready_at > now() OR k.throttled_until > now())) AS throttled_keys,
-       coalesce(q.paused, false) AS paused,
-       coalesce(q.throttled_until > now() OR q.rate_ready_at > now(), false) AS throttled
+       coalesce(c.paused, false) AS paused,
+       coalesce(c.until > now(), false) AS throttled
 FROM names AS n
-LEFT JOIN queues AS q ON q.name = n.name
-ORDER BY n.name
-LIMIT :limit;
+LEFT JOIN taskapp_closed_queues(ARRAY(SELECT name FROM names)) AS c ON c.name = n.name
+ORDER BY n.name;

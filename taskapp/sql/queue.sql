@@ -68,9 +68,7 @@ WITH finishing AS (
 ), blocked AS (
     SELECT b.queue, b.key FROM taskapp_blocked_keys(CAST(:queues AS text[])) AS b
 ), closed AS (
-    SELECT name FROM queues
-    WHERE name = ANY(CAST(:queues AS text[]))
-      AND (paused OR rate_ready_at > now() OR throttled_until > now())
+    SELECT c.name FROM taskapp_closed_queues(CAST(:queues AS text[])) AS c
 ), next AS (
     SELECT c.id, c.queue, c.concurrency_key, c.priority
     FROM unnest(CAST(:queues AS text[]), CAST(:limits AS integer[])) AS q(name, wanted)
@@ -332,9 +330,7 @@ FROM rescued;
 WITH blocked AS (
     SELECT b.queue, b.key, b.until FROM taskapp_blocked_keys(CAST(:queues AS text[])) AS b
 ), closed AS (
-    SELECT name, paused, greatest(rate_ready_at, throttled_until) AS until FROM queues
-    WHERE name = ANY(CAST(:queues AS text[]))
-      AND (paused OR rate_ready_at > now() OR throttled_until > now())
+    SELECT c.name, c.paused, c.until FROM taskapp_closed_queues(CAST(:queues AS text[])) AS c
 ), next AS (
     SELECT least(
         (SELECT min(t.run_after) FROM tasks AS t
