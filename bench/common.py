@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,12 +202,14 @@ def bench_database(tag: str, *, migrate: bool = True) -> Iterator[str]:
         drop_database(name)
 
 
-def migrate_schema(url: str, root: Path = TASKAPP_ROOT) -> None:
+def migrate_schema(
+    url: str, root: Path = TASKAPP_ROOT, python: Path = Path(sys.executable)
+) -> None:
     """Bring the schema up to date the way the service of the tree at root does on start
     (AUTO_MIGRATE=1)."""
     env = {**os.environ, "DATABASE_URL": url, "AUTO_MIGRATE": "1", "PYTHONPATH": str(root)}
     done = subprocess.run(
-        [sys.executable, "-c", "from taskapp import create_app; create_app()"],
+        [str(python), "-c", "from taskapp import create_app; create_app()"],
         cwd=root,
         env=env,
         capture_output=True,
@@ -344,6 +347,44 @@ def wait_completed(url: str, ids: IdRange, *, timeout: float, interval: float = 
     return elapsed
 
 
+# -- venvs of their own ------------------------------------------------------------------------
+
+
+class VenvUnavailable(BenchError):
+    """A bench venv could not be made (no package index, or a pin that does not install)."""
+
+
+def venv_python(venv: Path, requirements: str, what: str) -> Path:
+    """The Python of a venv holding `requirements` (a requirements file's text), made (or
+    remade) when missing or out of date: for peers, or another tree of taskapp's."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".requirements-installed"
+    if python.exists() and stamp.exists() and stamp.read_text() == requirements:
+        return python
+    log(f"installing {what} into {venv}")
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.mkdir(parents=True)
+    wanted = venv / "requirements.txt"
+    wanted.write_text(requirements)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "-r", str(wanted)],
+    ]
+    for cmd in steps:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise VenvUnavailable(f"{' '.join(cmd[:4])} … took over 900 s") from None
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+            shutil.rmtree(venv, ignore_errors=True)
+            raise VenvUnavailable(
+                f"could not install {what} (is the package index reachable?):\n{tail}"
+            )
+    stamp.write_text(requirements)
+    return python
+
+
 # -- servers ------------------------------------------------------------------------------------
 
 
@@ -357,6 +398,7 @@ class Server:
     env: dict[str, str]
     ready_paths: tuple[str, ...] = ("/health",)
     cwd: Path = TASKAPP_ROOT
+    python: Path = Path(sys.executable)
     port: int = field(default_factory=free_port)
     process: GunicornProcess | None = field(default=None, init=False, repr=False)
 
@@ -382,6 +424,7 @@ class Server:
             log_path=Path(path),
             own_session=True,
             name=self.name,
+            python=self.python,
         ).start()
         try:
             self.process.wait_ready(self.ready_paths, timeout=timeout)
@@ -424,10 +467,15 @@ def taskapp_env(url: str, **overrides: object) -> dict[str, str]:
 
 
 def taskapp_server(
-    url: str, name: str = "taskapp", *, root: Path = TASKAPP_ROOT, **overrides: object
+    url: str,
+    name: str = "taskapp",
+    *,
+    root: Path = TASKAPP_ROOT,
+    python: Path = Path(sys.executable),
+    **overrides: object,
 ) -> Server:
-    """One taskapp instance of the tree at root: `gunicorn -c gunicorn.conf.py wsgi:app`,
-    not yet started."""
+    """One taskapp instance of the tree at root (run by `python`, a venv with that tree's
+    requirements): `gunicorn -c gunicorn.conf.py wsgi:app`, not yet started."""
     return Server(
         name=name,
         app="wsgi:app",
@@ -435,6 +483,7 @@ def taskapp_server(
         env=taskapp_env(url, **overrides),
         ready_paths=("/health",),
         cwd=root,
+        python=python,
     )
 
 

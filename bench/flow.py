@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import statistics
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    BENCH_DIR,
     ROOT,
     BenchError,
     bench_database,
@@ -44,6 +46,7 @@ from bench.common import (
     print_table,
     taskapp_server,
     truncate_tasks,
+    venv_python,
     verdict,
     wait_completed,
 )
@@ -61,6 +64,8 @@ class Variant:
     url: str
     root: Path
     keys: int  # 0: no keys, no limits configured
+    # The Python that runs it: a venv with its tree's own requirements.
+    python: Path = Path(sys.executable)
 
 
 def drain(variant: Variant, tasks: int, concurrency: int, timeout: float) -> float:
@@ -73,6 +78,7 @@ def drain(variant: Variant, tasks: int, concurrency: int, timeout: float) -> flo
                 variant.url,
                 name=f"{variant.name}-{n}",
                 root=variant.root,
+                python=variant.python,
                 WORKER_CONCURRENCY=concurrency,
             )
             stack.enter_context(server)
@@ -116,10 +122,16 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.before:
             before_root = stack.enter_context(exported_tree(args.before))
+            # Its own requirements (it had flask-sock, say), in a venv made once and kept.
+            python = venv_python(
+                BENCH_DIR / f".venv-before-{args.before}",
+                (before_root / "requirements.txt").read_text(),
+                f"the requirements of {args.before}",
+            )
             # Its own schema (migration 0006), brought up by its own code.
             before_url = stack.enter_context(bench_database("flow_before", migrate=False))
-            migrate_schema(before_url, before_root)
-            variants.append(Variant(f"before ({args.before})", before_url, before_root, 0))
+            migrate_schema(before_url, before_root, python)
+            variants.append(Variant(f"before ({args.before})", before_url, before_root, 0, python))
         for n in range(rounds):
             order = variants if n % 2 == 0 else variants[::-1]
             for variant in order:

@@ -46,7 +46,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from bench.common import (
     BENCH_DIR,
     ROOT,
     BenchError,
+    VenvUnavailable,
     bench_database,
     connect,
     insert_tasks,
@@ -67,6 +67,7 @@ from bench.common import (
     parser,
     print_table,
     truncate_tasks,
+    venv_python,
     verdict,
 )
 from bench.drain import DrainResult, add_drain_args, drain_taskapp
@@ -95,30 +96,10 @@ class PeersUnavailable(BenchError):
 
 def peers_python() -> Path:
     """The peers' venv's Python, made (or remade) when missing or out of date."""
-    python = PEERS_VENV / "bin" / "python"
-    stamp = PEERS_VENV / ".requirements-installed"
-    wanted = PEERS_REQUIREMENTS.read_text()
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    log(f"installing the peers into {PEERS_VENV.relative_to(ROOT)} ({PEERS_REQUIREMENTS.name})")
-    shutil.rmtree(PEERS_VENV, ignore_errors=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(PEERS_VENV)],
-        [str(python), "-m", "pip", "install", "--quiet", "-r", str(PEERS_REQUIREMENTS)],
-    ]
-    for cmd in steps:
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            raise PeersUnavailable(f"{' '.join(cmd[:4])} … took over 900 s") from None
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-            shutil.rmtree(PEERS_VENV, ignore_errors=True)
-            raise PeersUnavailable(
-                f"could not install the peers (is the package index reachable?):\n{tail}"
-            )
-    stamp.write_text(wanted)
-    return python
+    try:
+        return venv_python(PEERS_VENV, PEERS_REQUIREMENTS.read_text(), "the peers")
+    except VenvUnavailable as exc:
+        raise PeersUnavailable(str(exc)) from None
 
 
 def peer_versions(python: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ how much of the pool and of the event streams it uses."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -56,6 +57,15 @@ def test_a_busy_instance_stays_within_its_connection_budget(instances, db_conn) 
     # A stream makes the listener LISTEN for events too; it is one connection all the same.
     stream = requests.get(instance.url + "/events", stream=True, timeout=10)
     assert stream.status_code == 200
+
+    # A client that reads: one that doesn't is cut off as stalled (EVENT_SEND_TIMEOUT_SECONDS)
+    # once the load's events fill its socket, and the stream would not stay open.
+    def read() -> None:
+        with contextlib.suppress(requests.RequestException, AttributeError, ValueError):
+            for _ in stream.iter_content(chunk_size=None):
+                pass  # until stream.close() below ends it
+
+    threading.Thread(target=read, daemon=True).start()
     samples: list[int] = []
     scraped: list[dict[tuple[str, str], float]] = []
     stop = threading.Event()

@@ -44,9 +44,14 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def gunicorn_command(config: str | Path = "gunicorn.conf.py", app: str = "wsgi:app") -> list[str]:
-    """Return the command line of a gunicorn master: this Python's gunicorn, not PATH's."""
-    return [sys.executable, "-m", "gunicorn", "-c", str(config), app]
+def gunicorn_command(
+    config: str | Path = "gunicorn.conf.py",
+    app: str = "wsgi:app",
+    python: str | Path = sys.executable,
+) -> list[str]:
+    """Return the command line of a gunicorn master: this Python's gunicorn (or that of the
+    venv `python` belongs to), not PATH's."""
+    return [str(python), "-m", "gunicorn", "-c", str(config), app]
 
 
 def children(pid: int) -> list[int]:
@@ -88,13 +93,14 @@ class GunicornProcess:
         own_session: bool = False,
         die_with_parent: bool = False,
         name: str | None = None,
+        python: str | Path = sys.executable,
     ) -> None:
         if log_path is not None and relay is not None:
             raise ValueError("output goes to a log file or to relay, not both")
         self.port = port
         self.url = f"http://{HOST}:{port}"
         self.env = {**os.environ, **env, "PORT": str(port)}
-        self.command = gunicorn_command(config, app)
+        self.command = gunicorn_command(config, app, python)
         self.cwd = cwd
         self.log_path = log_path
         self.name = name or f"gunicorn on port {port}"
