@@ -29,6 +29,14 @@ WAKEUP_CHANNEL = "taskapp_wakeup"
 # Sent (the task id) when a processing task is cancelled or deleted: its holder sets the
 # processor's cancellation flag.
 CANCEL_CHANNEL = "taskapp_cancel"
+# "A stream is open here": every instance that hears it keeps events (listens, fills its
+# ring) for LINGER_SECONDS, so a client of that stream may resume on any of them. Sent by an
+# instance with streams every ANNOUNCE_SECONDS, and at once when a listener that connects
+# asks on STREAMS_QUERY_CHANNEL.
+STREAMS_CHANNEL = "taskapp_streams"
+STREAMS_QUERY_CHANNEL = "taskapp_streams_query"
+ANNOUNCE_SECONDS = 10.0
+LINGER_SECONDS = 60.0
 # How long a new LISTEN connection waits to hear its own NOTIFY before it says it hears nothing.
 DELIVERY_CHECK_SECONDS = 3.0
 
@@ -338,14 +346,14 @@ class Broker:
         for subscription in subscriptions:
             subscription.offer(event)
 
-    def lost_events(self) -> None:
-        """The listener was not listening for a while (it reconnected): what happened
-        meanwhile is unknown, so nothing before now can be replayed, and every stream is
-        told (stream.reset)."""
+    def lost_events(self, tell_streams: bool = True) -> None:
+        """The listener was not listening for a while: what happened meanwhile is unknown,
+        so nothing before now can be replayed, and (after a lost connection) every open
+        stream is told so with a stream.reset."""
         with self._lock:
             self._ring.clear()
             self._ring_bytes = 0
-            subscriptions = list(self._subscriptions)
+            subscriptions = list(self._subscriptions) if tell_streams else []
         if subscriptions:
             reset = Event.reset("events may have been missed: the instance reconnected", None)
             for subscription in subscriptions:
@@ -367,11 +375,14 @@ class Listener:
     reconnect the worker is woken too, since notifications sent while the connection was down
     are lost (a cancellation missed then is still found by the next lease renewal).
 
-    Events are listened to all the time, streams or not, so that every instance keeps the
-    recent ones a client may resume from, wherever it was before (a load balancer sends a
-    reconnect anywhere). Taking them off the wire is the cost: this loop only reads each
-    one's id and appends it to the broker's ring; the JSON is parsed only for a stream that
-    filters (`task_id`) or names its events (docs/design.md, Events, measures it).
+    Events are listened to only while a stream is open somewhere in the cluster, and for
+    LINGER_SECONDS after the last one closed: taking every change of every instance off the
+    wire costs each instance CPU (drain: ~9 us an event), for nothing when nobody watches.
+    But while someone watches, every instance listens, so each keeps the ring of recent
+    events a client may resume from wherever it reconnects (a load balancer sends it
+    anywhere). An instance with streams says so on STREAMS_CHANNEL; one that connects asks.
+    The first stream here asks for events (events_wanted) and waits until the LISTEN is in
+    place, so it misses nothing after it starts.
     """
 
     def __init__(
@@ -385,7 +396,7 @@ class Listener:
         self.broker = broker
         self.on_wakeup = on_wakeup
         self.on_cancel = on_cancel
-        # This listener's own channel: its NOTIFY on it shows that this connection hears.
+        # This listener's own channel: a NOTIFY on it wakes the loop to listen for events.
         self.control_channel = f"taskapp_listener_{uuid.uuid4().hex}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -396,6 +407,11 @@ class Listener:
         self.delivering: bool | None = None
         # When the loop last came round (time.monotonic()), for the instance's liveness.
         self.beat_at = time.monotonic()
+        # Events are listened to until then (a stream here or elsewhere, LINGER_SECONDS on).
+        self._keep_until = 0.0
+        self._announced_at = -ANNOUNCE_SECONDS
+        # The connection was lost while events were listened to: the streams missed some.
+        self._interrupted = False
 
     @property
     def alive(self) -> bool:
@@ -410,8 +426,14 @@ class Listener:
         self._stop.set()
 
     def events_wanted(self, timeout: float = 5.0) -> bool:
-        """Whether events are being listened to, waiting up to `timeout` for it; False if the
-        listener is not connected (it is reconnecting)."""
+        """A stream has subscribed: make sure events are being listened to, waiting up to
+        `timeout` for it; False if the listener could not (it is reconnecting)."""
+        if self.listening_to_events.is_set():
+            return True
+        try:
+            self.database.notify(self.control_channel)
+        except Exception as exc:
+            log.warning("could not wake the event listener: %s", exc)
         return self.listening_to_events.wait(timeout)
 
     def _run(self) -> None:
@@ -423,23 +445,25 @@ class Listener:
                     self.database.listen(conn, WAKEUP_CHANNEL)
                     self.database.listen(conn, CANCEL_CHANNEL)
                     self.database.listen(conn, self.control_channel)
-                    self.database.listen(conn, EVENTS_CHANNEL)
-                    # What happened while no LISTEN was in place is lost: no resume may
-                    # reach past this point, and the streams still open are told.
-                    self.broker.lost_events()
-                    self.listening_to_events.set()
+                    self.database.listen(conn, STREAMS_CHANNEL)
+                    self.database.listen(conn, STREAMS_QUERY_CHANNEL)
                     self.connected.set()
                     delay = 0.1
                     self._check_delivery(conn)
+                    self._notify(STREAMS_QUERY_CHANNEL)  # is anyone watching?
                     self.on_wakeup()
                     while not self._stop.is_set():
                         self.beat_at = time.monotonic()
+                        self._listen_to_events_if_wanted(conn)
                         for notify in conn.notifies(timeout=1.0):
-                            self._dispatch(notify.channel, notify.payload)
+                            if self._dispatch(notify.channel, notify.payload):
+                                break  # events wanted or asked about: come round now
                         # An idle connection can die silently; a cheap query finds out.
                         self.database.fetch("ping", conn=conn)
             except Exception as exc:
                 self.connected.clear()
+                if self.listening_to_events.is_set():
+                    self._interrupted = True
                 self.listening_to_events.clear()
                 if self._stop.is_set():
                     return
@@ -480,18 +504,54 @@ class Listener:
             )
         self.delivering = heard
 
-    def _dispatch(self, channel: str, payload: str) -> None:
+    def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
+        now = time.monotonic()
+        if self.broker.receiving > 0:
+            self._keep_until = now + LINGER_SECONDS
+            if now - self._announced_at >= ANNOUNCE_SECONDS:
+                self._announced_at = now
+                self._notify(STREAMS_CHANNEL)
+        wanted = now < self._keep_until
+        if wanted and not self.listening_to_events.is_set():
+            self.database.listen(conn, EVENTS_CHANNEL)
+            # What happened before this LISTEN is unknown here: no resume may reach past
+            # it, and after a lost connection the streams still open are told. (A stream
+            # that asked for this LISTEN starts only now: it misses nothing.)
+            self.broker.lost_events(tell_streams=self._interrupted)
+            self._interrupted = False
+            self.listening_to_events.set()
+        elif not wanted and self.listening_to_events.is_set():
+            self.database.listen(conn, EVENTS_CHANNEL, listening=False)
+            self.listening_to_events.clear()
+            self.broker.lost_events(tell_streams=False)
+
+    def _notify(self, channel: str) -> None:
+        # Through the pool, not this connection: a failure here is not the listener's.
+        try:
+            self.database.notify(channel)
+        except Exception as exc:
+            log.warning("could not notify %s: %s", channel, exc)
+
+    def _dispatch(self, channel: str, payload: str) -> bool:
+        """Act on one notification; True when the loop should come round at once."""
+        if channel == EVENTS_CHANNEL:
+            event = Event.from_payload(payload)
+            if event is None:
+                log.warning("ignored a malformed event: %r", payload[:200])
+            else:
+                self.broker.publish(event)
+            return False
         if channel == WAKEUP_CHANNEL:
             self.on_wakeup()
-            return
-        if channel == CANCEL_CHANNEL:
+        elif channel == CANCEL_CHANNEL:
             if payload.isascii() and payload.isdigit():
                 self.on_cancel(int(payload))
-            return
-        if channel != EVENTS_CHANNEL:
-            return  # this listener's own channel
-        event = Event.from_payload(payload)
-        if event is None:
-            log.warning("ignored a malformed event: %r", payload[:200])
-            return
-        self.broker.publish(event)
+        elif channel == STREAMS_CHANNEL:
+            self._keep_until = max(self._keep_until, time.monotonic() + LINGER_SECONDS)
+            return not self.listening_to_events.is_set()
+        elif channel == STREAMS_QUERY_CHANNEL:
+            self._announced_at = -ANNOUNCE_SECONDS  # answer at the next round, if streaming
+            return self.broker.receiving > 0
+        elif channel == self.control_channel:
+            return True  # a stream wants events: listen for them now
+        return False

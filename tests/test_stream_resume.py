@@ -169,6 +169,8 @@ def test_an_sse_client_resumes_after_forced_disconnects_on_either_instance(insta
 
 def test_a_last_event_id_outside_the_window_gets_a_reset(instances, db_conn, database_url):
     a = instances(WORKER_ENABLED=0)
+    watching = Stream(f"{a.url}/events")  # while someone watches, events are kept
+    _streams_open(a, 1)
     with EventLog(database_url) as log:
         # One event more than the ring keeps, made by taskapp_publish() itself.
         db_conn.execute(
@@ -202,6 +204,7 @@ def test_a_last_event_id_outside_the_window_gets_a_reset(instances, db_conn, dat
         assert created["type"] == "task.created"
     finally:
         too_late.close()
+        watching.close()
 
 
 def test_an_unknown_future_id_gets_a_reset_after_a_short_wait(instances):
@@ -247,14 +250,17 @@ def test_a_client_cut_off_as_too_slow_resumes_without_a_loss(instances, db_conn,
 
 
 def test_a_websocket_resumes_with_last_event_id_in_the_query(instances, database_url):
-    a = instances()
+    a, b = instances(), instances(WORKER_ENABLED=0)
+    watching = Stream(f"{a.url}/events")  # on one instance: both keep events
+    _streams_open(a, 1)
     with EventLog(database_url) as log:
         task = create_task(a.url, "for the websocket")
         wait_for(lambda: log.events("task.completed", task["id"]))
         ids = [e["id"] for e in log.events(task_id=task["id"])]
-    with ws_connect(f"ws://127.0.0.1:{a.port}/ws?last_event_id={ids[0]}") as ws:
+    watching.close()
+    with ws_connect(f"ws://127.0.0.1:{b.port}/ws?last_event_id={ids[0]}") as ws:
         got = [json.loads(ws.recv(timeout=10)) for _ in ids[1:]]
-    assert [e["id"] for e in got] == ids[1:]
+    assert [e["id"] for e in got if e["task_id"] == task["id"]] == ids[1:]
 
 
 def _refused(url: str, **kwargs: Any) -> Any:
