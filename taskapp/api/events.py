@@ -199,7 +199,7 @@ def server_sent_events() -> Response:
             if sock is not None:
                 # gunicorn writes what we yield; this bounds each of its sendall() calls.
                 _stream_socket(sock, send_timeout)
-            yield f"retry: {RETRY_MILLISECONDS}\n: connected\n\n"
+            yield f": connected\nretry: {RETRY_MILLISECONDS}\n\n"
             written = time.monotonic()
             healthy = True
             while not subscription.closed:
