@@ -16,7 +16,7 @@ from flask import Flask
 
 from . import schemas
 from .errors import PROBLEM_MIMETYPE
-from .events import EVENT_TYPES
+from .events import EVENT_TYPES, LINGER_SECONDS, REPLAY_EVENTS, RESET_TYPE
 
 SPEC_ROUTE = "/apispec_1.json"
 DOCS_ROUTE = "/apidocs/"
@@ -101,6 +101,42 @@ EVENTS_TASK_ID = {
     "required": False,
     "description": "Only the events of this task.",
     "schema": _ID_SCHEMA,
+}
+_EVENT_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0}
+_RESUME = (
+    f"The stream first sends what came after that event: any instance keeps the last "
+    f"{REPLAY_EVENTS:,} events (at most 8 MiB of them) while a stream is open anywhere in the "
+    f"cluster and {LINGER_SECONDS:.0f} s after. Too late (or an id it never heard), the "
+    f"stream starts with one `{RESET_TYPE}` event instead: fetch the state anew."
+)
+EVENTS_LAST_EVENT_ID = {
+    "name": "last_event_id",
+    "in": "query",
+    "required": False,
+    "description": "The `id` of the last event received, to resume from (a `Last-Event-ID` "
+    "header wins). " + _RESUME,
+    "schema": _EVENT_ID_SCHEMA,
+}
+LAST_EVENT_ID_HEADER = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "What an EventSource sends when it reconnects: the `id` of the last "
+    "event it got. " + _RESUME,
+    "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+}
+EVENTS_NAMED = {
+    "name": "named",
+    "in": "query",
+    "required": False,
+    "description": "`true`: each event also carries its type as the SSE event name "
+    "(`event: task.created`), for `addEventListener(type)`; then `onmessage` gets none. "
+    "By default events are unnamed, so `onmessage` gets every one.",
+    "schema": {"type": "boolean", "default": False},
+}
+# What a stream sends: every change, and its own stream.reset.
+_STREAM_MESSAGE = {
+    "oneOf": [{"$ref": "#/components/schemas/Event"}, {"$ref": "#/components/schemas/StreamReset"}]
 }
 QUEUE_NAME = {
     "name": "name",
@@ -460,17 +496,26 @@ PATHS: dict[str, dict[str, Any]] = {
         },
     },
     "/events": {
-        "parameters": [EVENTS_TASK_ID],
+        "parameters": [EVENTS_TASK_ID, EVENTS_LAST_EVENT_ID, EVENTS_NAMED, LAST_EVENT_ID_HEADER],
         "get": {
             "operationId": "events",
             "tags": ["system"],
             "security": STREAM_KEY,
             "summary": "Server-Sent Events: one JSON event per change, made on any instance",
+            "description": (
+                "Opens with `retry: 1000` (reconnect after a second). Each event is "
+                "`id: <id>` and `data: <Event as JSON>`, unnamed unless `named=true`. A "
+                "refusal (a bad parameter, 422; no stream slot free, 503 with `Retry-After`) "
+                "is an HTTP answer before the stream starts. A client that falls 1,000 "
+                "events behind, or reads nothing for EVENT_SEND_TIMEOUT_SECONDS, is "
+                "disconnected: it reconnects and resumes with `Last-Event-ID`."
+            ),
             "responses": _responses(
                 {
                     "200": {
-                        "description": "An endless `text/event-stream`; each `data:` is an Event.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "An endless `text/event-stream`; each event's `data:` "
+                        "is one of these, its `id:` the same as its `id`.",
+                        "content": {"text/event-stream": {"schema": _STREAM_MESSAGE}},
                     }
                 },
                 "422",
@@ -478,26 +523,40 @@ PATHS: dict[str, dict[str, Any]] = {
         },
     },
     "/ws": {
-        "parameters": [EVENTS_TASK_ID],
+        "parameters": [EVENTS_TASK_ID, EVENTS_LAST_EVENT_ID],
         "get": {
             "operationId": "websocket",
             "tags": ["system"],
             "security": STREAM_KEY,
             "summary": "WebSocket: the same events as /events, one JSON text message each",
             "description": (
-                "A refusal (a bad `task_id`, too many streams) is an HTTP answer before the "
-                "upgrade. A client that reads nothing for EVENT_SEND_TIMEOUT_SECONDS is "
-                "disconnected; one that falls 1,000 events behind gets close code 1013."
+                "A refusal (a bad parameter, 422; no stream slot free, 503 with "
+                "`Retry-After`) is an HTTP answer before the upgrade. A client that reads "
+                "nothing, or answers no ping, for EVENT_SEND_TIMEOUT_SECONDS is "
+                "disconnected; one that falls 1,000 events behind gets close code 1013: "
+                "either reconnects with `?last_event_id=` the `id` of the last message it got."
             ),
             "responses": _responses(
                 {
-                    "101": {"description": "Switching Protocols; then one Event per message."},
+                    "101": {
+                        "description": "Switching Protocols; then one text message per event, "
+                        "each one of these.",
+                        "content": {"application/json": {"schema": _STREAM_MESSAGE}},
+                    },
                     "400": {"$ref": "#/components/responses/400"},
                 },
                 "422",
             ),
         },
     },
+}
+
+_EVENT_AT = {
+    "type": "string",
+    "format": "date-time",
+    "description": "When, in UTC with six fractional digits, always: "
+    "`2026-12-02T19:30:00.000000+00:00`.",
+    "example": "2026-12-02T19:30:00.000000+00:00",
 }
 
 # The system endpoints' bodies, written by hand: they are not marshmallow schemas.
@@ -560,8 +619,15 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Event": {
         "type": "object",
-        "required": ["type", "task_id", "status", "instance_id", "at"],
+        "description": "One change of a task or conversation, sent to every stream.",
+        "required": ["id", "type", "task_id", "status", "instance_id", "at"],
         "properties": {
+            "id": {
+                **_EVENT_ID_SCHEMA,
+                "description": "The event's number, the same on every instance (SSE `id:`): "
+                "resume from it. Increasing, though a change that took its number first may "
+                "commit, and arrive, after a later one.",
+            },
             "type": {
                 "type": "string",
                 "enum": list(EVENT_TYPES),
@@ -570,7 +636,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "conversation_id": {"type": "integer"},
             "status": {"type": "string", "nullable": True, "description": "The task's status."},
             "instance_id": {"type": "string", "nullable": True},
-            "at": {"type": "string", "format": "date-time"},
+            "at": _EVENT_AT,
             "progress": {
                 "allOf": [{"$ref": "#/components/schemas/Progress"}],
                 "description": "task.progress only: the report, as the task now shows it.",
@@ -590,6 +656,20 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
                     "text": {"type": "string"},
                 },
             },
+        },
+    },
+    "StreamReset": {
+        "type": "object",
+        "description": "The stream can't send what the client missed (it resumed too late, "
+        "from an id this instance never heard, or the instance lost its database connection "
+        "for a while): fetch the state anew. Its `id`, when it has one, is where the stream "
+        "now is: keep it as the last event id.",
+        "required": ["type", "reason", "at"],
+        "properties": {
+            "id": _EVENT_ID_SCHEMA,
+            "type": {"type": "string", "enum": [RESET_TYPE]},
+            "reason": {"type": "string", "example": "event id too old"},
+            "at": _EVENT_AT,
         },
     },
 }

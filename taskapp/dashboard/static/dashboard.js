@@ -335,17 +335,22 @@
           this.retryMs = Math.min(this.retryMs * 2, 30000);
         }
       };
-      for (const type of EVENT_TYPES) {
-        source.addEventListener(type, (message) => {
-          let event;
-          try {
-            event = JSON.parse(message.data);
-          } catch (error) {
-            return;
-          }
+      // Events come unnamed, each with its `type` in its data. After a reconnect the browser
+      // sends Last-Event-ID and gets what it missed; a `stream.reset` says that could not be
+      // done (too long away, or another instance that no longer has them): resync.
+      source.onmessage = (message) => {
+        let event;
+        try {
+          event = JSON.parse(message.data);
+        } catch (error) {
+          return;
+        }
+        if (event.type === "stream.reset") {
+          this.resync();
+        } else if (EVENT_TYPES.includes(event.type)) {
           this.onEvent(event);
-        });
-      }
+        }
+      };
     }
 
     startPolling(reason) {
