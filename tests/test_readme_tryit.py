@@ -147,14 +147,17 @@ def test_the_try_it_block_runs_top_to_bottom_on_a_fresh_database(
     env = {"DATABASE_URL": empty_database_url}
     with RunLocal(["--ports", ",".join(map(str, ports))], env=env) as launcher:
         launcher.wait_banner()
-        run = subprocess.run(
-            ["bash", str(script)],
-            env={**os.environ, "TRYIT_RESULTS": str(results)},
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT_SECONDS,
-            check=False,
-        )
+        try:
+            run = subprocess.run(
+                ["bash", str(script)],
+                env={**os.environ, "TRYIT_RESULTS": str(results)},
+                capture_output=True,
+                text=True,
+                timeout=SCRIPT_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:  # a wait for a state that never came
+            pytest.fail(f"the block did not finish in {exc.timeout}s:\n{exc.stdout!r}")
         assert launcher.stop() == 0, launcher.text()
     transcript = f"{run.stdout}\n{run.stderr}"
     assert run.returncode == 0, transcript
