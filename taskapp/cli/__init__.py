@@ -22,7 +22,7 @@ import click
 
 from ..states import TASK_STATUSES, TERMINAL, TaskStatus
 from . import output
-from .client import Client, CliError, Event
+from .client import Client, CliError, Event, Stream
 
 # The README's set-up (./run.sh, docker compose) serves on 12000; PORT's 8000 is for an
 # instance by hand, and the image's `taskapp` defaults to its own instance's port.
@@ -33,6 +33,9 @@ FINISHED = [status.value for status in TERMINAL]
 # How long to wait before opening the stream again when the service ended it and said
 # nothing (`retry:`) about how long to wait.
 RECONNECT_SECONDS = 1.0
+# How long a tail whose stream ended keeps trying to open it again (a restart, a rolling
+# update) before it gives up with the last error.
+RECONNECT_GIVE_UP_SECONDS = 30.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -610,8 +613,9 @@ def tail(task_id: int | None, limit: int | None, as_json: bool) -> None:
     """Follow the live events of every task (or of one) until Ctrl-C.
 
     With --json, each event is one line of JSON, as the service sent it. A stream the service
-    ends (a restart, or this client falling behind) is opened again, with the id of the last
-    event seen (Last-Event-ID), so a service that keeps them sends what was missed.
+    ends (a restart, or this client falling behind) is opened again, tried for up to 30 s,
+    with the id of the last event seen (Last-Event-ID), so a service that keeps events sends
+    what was missed.
 
     \b
       taskapp tail
@@ -621,17 +625,33 @@ def tail(task_id: int | None, limit: int | None, as_json: bool) -> None:
     client = _client()
     seen, last_id = 0, None
     try:
+        stream = client.events(task_id=task_id)  # the first time, a failure is at once
         while True:
-            with client.events(task_id=task_id, last_event_id=last_id) as stream:
+            with stream:
                 for event in stream:
                     last_id = event.id if event.id is not None else last_id
                     click.echo(event.data if as_json else _event_line(event))
                     seen += 1
                     if limit is not None and seen >= limit:
                         return
-            time.sleep(stream.retry_seconds or RECONNECT_SECONDS)
+            stream = _reopen(client, task_id, last_id, stream.retry_seconds or RECONNECT_SECONDS)
     except KeyboardInterrupt:
         return  # Ctrl-C is how a tail ends: no traceback, exit 0
+
+
+def _reopen(client: Client, task_id: int | None, last_id: str | None, wait: float) -> Stream:
+    """The stream opened again after the service ended it: tried every `wait` seconds while
+    the service can't be reached or is busy (503), for RECONNECT_GIVE_UP_SECONDS."""
+    deadline = time.monotonic() + RECONNECT_GIVE_UP_SECONDS
+    while True:
+        time.sleep(wait)
+        try:
+            return client.events(task_id=task_id, last_event_id=last_id)
+        except CliError as error:
+            if error.status not in (None, 502, 503, 504) or time.monotonic() >= deadline:
+                raise CliError(
+                    f"{error} (the stream ended; tried again for {RECONNECT_GIVE_UP_SECONDS:g} s)"
+                ) from None
 
 
 # -- the console script ------------------------------------------------------------------------
