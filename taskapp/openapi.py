@@ -292,6 +292,43 @@ PATHS: dict[str, dict[str, Any]] = {
             ),
         },
     },
+    "/tasks/prune": {
+        "post": {
+            "operationId": "prune_tasks",
+            "tags": ["tasks"],
+            "summary": "Delete finished tasks not changed for a while, with their conversations",
+            "description": "Deletes in batches of 1,000 (never waiting on a task being changed) "
+            "for about two seconds at most, then answers: while `done` is false there is more "
+            "to delete, so ask again. Like retention (`RETENTION_*_SECONDS`), it sends no events.",
+            "requestBody": {
+                "required": True,
+                "description": "Which tasks: of these statuses, unchanged for this long.",
+                "content": _json(schemas.TaskPrune),
+            },
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "required": ["deleted", "done"],
+                            "properties": {
+                                "deleted": {
+                                    **_counts(*schemas.FINISHED_STATUSES),
+                                    "description": "Tasks deleted by this request, by status.",
+                                },
+                                "done": {
+                                    "type": "boolean",
+                                    "description": "false: more are due; send it again.",
+                                },
+                            },
+                        },
+                        "What this request deleted.",
+                    )
+                },
+                *BODY_ERRORS,
+            ),
+        },
+    },
     "/tasks/{task_id}/conversations/": {
         "parameters": [TASK_ID],
         "post": {
