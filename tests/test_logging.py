@@ -249,3 +249,20 @@ def test_text_logs_are_the_default(instances):
     # gunicorn's usual access line, with the request id at its end.
     wait_for(lambda: re.search(r'"GET /tasks/ HTTP/1.1" 200 .* t-1$', instance.log(), re.M))
     assert not any(line.startswith("{") for line in instance.log().splitlines())
+
+
+def test_the_spec_documents_the_header_on_every_response(client) -> None:
+    spec = client.get("/apispec_1.json").get_json()
+    header = spec["components"]["headers"]["X-Request-ID"]
+    assert header["required"] is True and "pattern" in header["schema"]
+    assert logs.REQUEST_ID.pattern in header["schema"]["pattern"]
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            for code, response in operation["responses"].items():
+                if "$ref" in response:
+                    response = spec["components"]["responses"][response["$ref"].rpartition("/")[2]]
+                if code in ("101", "414"):  # a WebSocket's upgrade; gunicorn's own answer
+                    continue
+                assert "X-Request-ID" in response.get("headers", {}), (method, path, code)
