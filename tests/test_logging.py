@@ -110,6 +110,16 @@ def test_a_request_s_log_lines_carry_its_id(app: Flask, capsys) -> None:
     assert inside["instance_id"] == app.config["TASKAPP"].instance_id
 
 
+def test_text_lines_name_the_request_at_their_end(app: Flask, capsys) -> None:
+    with app.test_request_context("/", headers={"X-Request-ID": "req-8"}):
+        logging.getLogger("taskapp.test").warning("inside")
+    logging.getLogger("taskapp.test").warning("outside")
+    inside, outside = capsys.readouterr().err.splitlines()
+    instance = app.config["TASKAPP"].instance_id[:8]
+    assert inside.endswith(f"WARNING [{instance}] taskapp.test: inside (request req-8)"), inside
+    assert outside.endswith(f"WARNING [{instance}] taskapp.test: outside"), outside
+
+
 def test_json_lines_hold_exceptions_warnings_and_other_loggers(app: Flask, capsys) -> None:
     logs.configure(app.config["TASKAPP"].with_changes(log_format="json"))
     try:
