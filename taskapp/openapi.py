@@ -712,6 +712,31 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+# Every response but gunicorn's own (414) and a WebSocket's upgrade carries it (taskapp.logs).
+REQUEST_ID_HEADER = {
+    "description": "This request's id, in the log lines it caused: the request's own "
+    "`X-Request-ID` when it sent a sane one (1 to 128 letters, digits and `._~:/+=@-`), "
+    "else a new one (32 hex digits).",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._~:/+=@-]{1,128}$"},
+}
+
+
+def _with_request_id(document: dict[str, Any]) -> None:
+    """Add X-Request-ID to every response, in one place rather than in each operation."""
+    reference = {"$ref": "#/components/headers/X-Request-ID"}
+    components = document["components"]
+    components.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
+    responses = [(code, r) for code, r in components["responses"].items() if code != "414"]
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method != "parameters":
+                responses += list(operation["responses"].items())
+    for code, response in responses:
+        if "$ref" not in response and code != "101":
+            response.setdefault("headers", {})["X-Request-ID"] = reference
+
+
 def build_spec() -> dict[str, Any]:
     """The whole OpenAPI document as a dict."""
     spec = APISpec(
@@ -772,6 +797,7 @@ def build_spec() -> dict[str, Any]:
         operations = {k: v for k, v in item.items() if k != "parameters"}
         spec.path(path=path, operations=operations, parameters=item.get("parameters"))
     document = spec.to_dict()
+    _with_request_id(document)
     for schema in document["components"]["schemas"].values():
         for name, prop in schema.get("properties", {}).items():
             schema["properties"][name] = _nullable_reference(prop)
