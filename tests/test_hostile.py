@@ -149,9 +149,11 @@ def test_a_body_of_65000_conversations_is_refused_at_once_and_briefly(client: Fl
 def test_an_object_with_too_many_fields_is_one_422_at_once(client: FlaskClient) -> None:
     # 80,000 unknown fields: one error each cost 0.3 s of validation and a 2.4 MB 422.
     body = {"title": "t", **{f"x{n}": 1 for n in range(80_000)}}
-    started = time.perf_counter()
+    # CPU time of this thread (the test client runs the app in it): a busy machine's wait for
+    # a core is not the request's cost.
+    started = time.thread_time()
     response = client.post("/tasks/", json=body)
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
     problem = assert_problem(response, 422, "_schema")
     assert "80001 fields, of which at most" in problem["errors"]["_schema"][0]
     assert len(response.get_data()) < 1000
