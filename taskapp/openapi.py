@@ -813,14 +813,18 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         ),
         "properties": {
             "instance_id": {"type": "string"},
-            "worker": {"type": "object"},
+            # Free-form objects said so: generators otherwise warn and guess.
+            "worker": {"type": "object", "additionalProperties": True},
             "queue": {
                 "type": "object",
                 "properties": {
                     status: {"type": "integer", "minimum": 0} for status in schemas.TASK_STATUSES
                 },
             },
-            "instances": {"type": "array", "items": {"type": "object"}},
+            "instances": {
+                "type": "array",
+                "items": {"type": "object", "additionalProperties": True},
+            },
             "event_streams": _counts("open", "max"),
             "database_connections": _counts("in_use", "idle", "max", "waiting"),
         },
