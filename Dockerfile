@@ -17,6 +17,11 @@ RUN pip install -r requirements.txt
 COPY wsgi.py gunicorn.conf.py ./
 COPY migrations/ migrations/
 COPY taskapp/ taskapp/
+# The `taskapp` command (`docker compose exec app1 taskapp list`), run from /app's package and
+# talking to this container's own instance unless TASKAPP_URL says otherwise. A wrapper, not
+# `pip install .`: the image installs the pinned runtime requirements and nothing else.
+RUN printf '#!/bin/sh\nexport PYTHONPATH=/app\nTASKAPP_URL="${TASKAPP_URL:-http://127.0.0.1:${PORT:-8000}}" exec python -m taskapp.cli "$@"\n' \
+        >/usr/local/bin/taskapp && chmod 755 /usr/local/bin/taskapp
 
 # The files stay root-owned and read-only to the service user.
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin app

@@ -1,5 +1,9 @@
 """gunicorn settings: one worker process is one taskapp instance.
 
+At start, with AUTO_MIGRATE on, the master connects to the database once: if it can't, it says
+so in one line and exits 3 before any worker is forked (a worker that still finds it
+unreachable says the same and exits 3, which makes gunicorn stop instead of forking another).
+
 post_fork starts the instance's background worker; SIGTERM stops its claiming at once (and,
 for DRAIN_SECONDS, the instance goes on serving requests, /readyz saying it is draining);
 worker_exit lets the running task finish within SHUTDOWN_GRACE_SECONDS or hands it back,
@@ -14,9 +18,17 @@ import sys
 import tempfile
 import threading
 
-from taskapp.config import Settings
+from taskapp import DatabaseUnreachable, logs, probe_database, tracing
+from taskapp.config import ConfigError, Settings
 
-_settings = Settings.from_env()  # fail fast, in the master, on a malformed environment
+# gunicorn's exit status for a worker that failed to boot: it stops rather than fork again.
+BOOT_ERROR = 3
+
+try:
+    _settings = Settings.from_env()  # fail fast, in the master, on a malformed environment
+except ConfigError as exc:
+    sys.exit(f"taskapp: {exc}")  # one line (gunicorn would print a traceback)
+logs.configure(_settings, instance=False)  # the master is no instance: no instance id
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
@@ -30,6 +42,11 @@ keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# LOG_FORMAT for gunicorn's own lines too; with text, its usual access line and the request id.
+logger_class = logs.GunicornLogger
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+)
 # Several instances may run side by side under one user: no shared control socket.
 control_socket_disable = True
 
@@ -41,10 +58,25 @@ else:
     _own_metrics_dir = False
 
 
+def on_starting(server):
+    if not _settings.auto_migrate:
+        return  # it can start without the database, and waits for it (/readyz says so)
+    try:
+        probe_database(_settings)
+    except DatabaseUnreachable as exc:
+        logging.getLogger("taskapp").error("%s", exc)
+        on_exit(server)
+        sys.exit(BOOT_ERROR)
+
+
 def post_fork(server, worker):
     from taskapp import runtime
 
-    app = worker.app.wsgi()  # loads wsgi:app now; gunicorn reuses the same object later
+    try:
+        app = worker.app.wsgi()  # loads wsgi:app now; gunicorn reuses the same object later
+    except DatabaseUnreachable as exc:
+        logging.getLogger("taskapp").error("%s", exc)
+        sys.exit(BOOT_ERROR)
     runtime.start_in_gunicorn_worker(app, preloaded=server.cfg.preload_app)
 
 
@@ -94,6 +126,7 @@ def worker_exit(server, worker):
         # which joins every non-daemon thread (gunicorn's request threads, one of them maybe
         # still in a stream's last write) and then spends about a second garbage-collecting
         # the heap that the OS frees at once anyway.
+        tracing.shutdown()  # the spans still buffered
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -185,7 +185,7 @@ def growth_rows(small: Figures, big: Figures) -> list[list[object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = [1_000, 100_000] if args.quick else sorted(args.sizes)
+    sizes = [1_000, 20_000] if args.quick else sorted(args.sizes)
     if args.quick:
         args.tasks, args.rounds = 2000, 1
     load = Load(seconds=2.0 if args.quick else args.seconds, connections=args.connections)

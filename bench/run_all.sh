@@ -34,10 +34,12 @@ run_all() {
       *" $bench "*) echo "[run_all] bench.$bench skipped (BENCH_SKIP)" >&2; continue ;;
     esac
     echo "[run_all] bench.$bench" >&2
+    local started=$SECONDS
     "$python" -m "bench.$bench" "${quick[@]}" || {
       status=$?
       echo "[run_all] bench.$bench failed ($status)" >&2
     }
+    echo "[run_all] bench.$bench took $((SECONDS - started)) s" >&2
   done
   return "$status"
 }

@@ -17,7 +17,8 @@ MIGRATION_LOCK_KEY = 7_243_001
 
 config = context.config
 if config.config_file_name is not None and not logging.getLogger().handlers:
-    # Only when run as a command: inside the service, its own logging stays as it is.
+    # Only when nothing configured logging: create_app (the service, `flask db upgrade`) has,
+    # in LOG_FORMAT (taskapp.logs), so Alembic's lines come out as JSON when asked.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger("alembic.env")
 

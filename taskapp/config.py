@@ -91,6 +91,39 @@ def _parse_queue_processors(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(processors.items())
 
 
+# What OTEL_TRACES_EXPORTER may name: the exporters installed (requirements.txt).
+TRACES_EXPORTERS = ("otlp", "console", "none")
+
+
+def _parse_traces_exporters(get: Any) -> tuple[str, ...]:
+    """The span exporters the standard OpenTelemetry variables ask for (empty: tracing off)."""
+    if (get("OTEL_SDK_DISABLED") or "").lower() == "true":
+        return ()
+    raw = get("OTEL_TRACES_EXPORTER")
+    if raw is None:
+        endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        names: tuple[str, ...] = ("otlp",) if endpoint else ()
+    else:
+        names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+        for name in names:
+            if name not in TRACES_EXPORTERS:
+                raise ConfigError(
+                    f"OTEL_TRACES_EXPORTER: {name!r} is not one of {', '.join(TRACES_EXPORTERS)}"
+                )
+        names = tuple(n for n in names if n != "none")
+    if "otlp" in names:
+        for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = get(variable)
+            if protocol is not None:
+                if protocol != "http/protobuf":
+                    raise ConfigError(
+                        f"{variable} must be http/protobuf (the OTLP exporter installed), "
+                        f"got {protocol!r}"
+                    )
+                break
+    return names
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything an instance can be told through its environment."""
@@ -150,6 +183,9 @@ class Settings:
     # longer than any wait on an unreachable database (5 s to connect, 5 s for a pooled
     # connection), so an outage alone never fails it.
     liveness_stall_seconds: float = 60.0
+    # OpenTelemetry span exporters ("otlp", "console"), from the standard OTEL_* variables;
+    # empty: no tracing (taskapp.tracing imports nothing of OpenTelemetry then).
+    traces_exporters: tuple[str, ...] = ()
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
@@ -213,6 +249,7 @@ class Settings:
             if log_format not in {"text", "json"}:
                 raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
             values["log_format"] = log_format
+        values["traces_exporters"] = _parse_traces_exporters(get)
         return cls(**values).validated()
 
     def validated(self) -> Settings:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from . import queue
+from . import queue, tracing
 from .attempt import Backoff, retry_writes_for, short_error
 from .config import Settings
 from .database import Database
@@ -133,13 +133,15 @@ class Dispatcher:
             if not batch and not limits:
                 continue
             try:
-                done = queue.complete_and_claim_many(
-                    self.database,
-                    [(c.claim, c.result) for c in batch],
-                    instance_id=self.instance_id,
-                    limits=limits,
-                    lease_seconds=self.settings.lease_seconds,
-                )
+                with tracing.claim_round(len(batch), limits) as traced:
+                    done = queue.complete_and_claim_many(
+                        self.database,
+                        [(c.claim, c.result) for c in batch],
+                        instance_id=self.instance_id,
+                        limits=limits,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+                    traced.claimed(len(done.claims))
             except psycopg.DataError:
                 # One result PostgreSQL won't store spoils the batch: write them one by one.
                 self._one_by_one(batch)

@@ -4,7 +4,9 @@ Server-Sent Events and WebSocket clients."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import queue
@@ -12,7 +14,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 
@@ -26,6 +29,14 @@ WAKEUP_CHANNEL = "taskapp_wakeup"
 # Sent (the task id) when a processing task is cancelled or deleted: its holder sets the
 # processor's cancellation flag.
 CANCEL_CHANNEL = "taskapp_cancel"
+# "A stream is open here": every instance that hears it keeps events (listens, fills its
+# ring) for LINGER_SECONDS, so a client of that stream may resume on any of them. Sent by an
+# instance with streams every ANNOUNCE_SECONDS, and at once when a listener that connects
+# asks on STREAMS_QUERY_CHANNEL.
+STREAMS_CHANNEL = "taskapp_streams"
+STREAMS_QUERY_CHANNEL = "taskapp_streams_query"
+ANNOUNCE_SECONDS = 10.0
+LINGER_SECONDS = 60.0
 # How long a new LISTEN connection waits to hear its own NOTIFY before it says it hears nothing.
 DELIVERY_CHECK_SECONDS = 3.0
 
@@ -52,16 +63,90 @@ class TooManyStreams(Exception):
     """The instance already serves MAX_EVENT_STREAMS event streams."""
 
 
-class Event(NamedTuple):
-    """An event as the streams get it: its fields, and its JSON, written once for all of
-    them (with hundreds of streams, a dumps() per stream was most of the instance's CPU)."""
+# A stream's own event (not a change): the client can't be told what it missed, and should
+# fetch the state it shows anew. Its `id` (when it has one) is where the stream is now.
+RESET_TYPE = "stream.reset"
 
-    data: dict[str, object]
-    text: str
+# The ring of recent events each instance keeps for resuming streams: the last this many, and
+# at most this many bytes of them (live output chunks are up to 8 KB each). Ten times the lag
+# that cuts a slow client off (Broker.queue_size), so a client cut off can always resume.
+REPLAY_EVENTS = 10_000
+REPLAY_BYTES = 8 * 1024 * 1024
+# How long a resume waits for an id this instance has not heard yet (newer than any it has):
+# the client comes from an instance whose listener was a few milliseconds ahead of ours.
+RESUME_WAIT_SECONDS = 1.0
+
+# The head taskapp_publish() gives every event (migration 0009): its id is read from the text
+# without parsing the JSON, as every instance keeps every event, watched or not.
+_ID_PREFIX = '{"id" : '
+
+
+def event_time(at: datetime | None = None) -> str:
+    """An event's `at`: RFC 3339 in UTC with six fractional digits, as taskapp_publish()
+    writes it (`2026-12-02T19:30:00.000000+00:00`)."""
+    return (at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class Event:
+    """An event as the streams get it: its id and its JSON text, as taskapp_publish() wrote
+    it, sent on unchanged (one text for every stream). Its type and task are read from the
+    text only when a stream asks (a filter, a named event)."""
+
+    __slots__ = ("_head", "id", "text")
+
+    def __init__(self, id: int | None, text: str, head: tuple[object, object] | None = None):
+        self.id = id
+        self.text = text
+        self._head = head
+
+    @classmethod
+    def from_payload(cls, payload: str) -> Event | None:
+        """The event of a NOTIFY payload; None if it is not a JSON object."""
+        if payload.startswith(_ID_PREFIX):
+            end = payload.find(",", len(_ID_PREFIX))
+            digits = payload[len(_ID_PREFIX) : end]
+            if end > 0 and digits.isascii() and digits.isdigit():
+                return cls(int(digits), payload)
+        # Not made by taskapp_publish() (an older schema, a NOTIFY by hand): parse it, and
+        # write it anew, since an SSE data line can't hold the newlines JSON may have.
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        event_id = data.get("id")
+        if not isinstance(event_id, int) or isinstance(event_id, bool) or event_id < 0:
+            event_id = None
+        return cls(event_id, json.dumps(data), (data.get("type"), data.get("task_id")))
+
+    @classmethod
+    def reset(cls, reason: str, position: int | None) -> Event:
+        """A stream.reset: `reason` says why; `position`, the id the stream is now at."""
+        data: dict[str, object] = {"type": RESET_TYPE, "reason": reason, "at": event_time()}
+        if position is not None:
+            data = {"id": position, **data}
+        return cls(position, json.dumps(data), (RESET_TYPE, None))
+
+    def _parsed(self) -> tuple[object, object]:
+        if self._head is None:
+            data = json.loads(self.text)
+            self._head = (data.get("type"), data.get("task_id"))
+        return self._head
+
+    @property
+    def type(self) -> str | None:
+        value = self._parsed()[0]
+        return value if isinstance(value, str) else None
+
+    @property
+    def task_id(self) -> object:
+        return self._parsed()[1]
 
 
 class Subscription:
-    """One client's bounded queue of events; a client that falls behind is cut off.
+    """One client's stream: the events it missed (a resume), then a bounded queue of live
+    events; a client that falls behind is cut off, and can resume.
 
     Two things end separately: the events (close(): a cut-off, a shutdown, the client gone)
     and the stream's slot, held until the request that serves the stream returns (release(),
@@ -72,22 +157,60 @@ class Subscription:
         self._broker = broker
         self.task_id = task_id
         self.queue: queue.Queue[Event | None] = queue.Queue(maxsize=maxsize)
+        # A resume's events from the ring, sent before the live ones (filled before the
+        # subscription gets any live event, read only by the stream's thread).
+        self.backlog: collections.deque[Event] = collections.deque()
         self.closed = False
         # Why the events stopped, for the client's close frame and the log.
         self.cut_off = False
+        # A resume from an id not heard here yet: live events are skipped (the client had
+        # them) until that id comes, or a reset is sent after RESUME_WAIT_SECONDS.
+        self._lock = threading.Lock()
+        self._awaiting: int | None = None
+        self._await_until = 0.0
+        self._skipped_to: int | None = None
+
+    def matches(self, event: Event) -> bool:
+        return self.task_id is None or event.type == RESET_TYPE or event.task_id == self.task_id
 
     def offer(self, event: Event) -> None:
-        if self.task_id is not None and event.data.get("task_id") != self.task_id:
+        if self._awaiting is not None:
+            with self._lock:
+                if self._awaiting is not None:
+                    if event.id is not None:
+                        self._skipped_to = event.id
+                    if event.id == self._awaiting:
+                        self._awaiting = None
+                    return
+        if not self.matches(event):
             return
         try:
             self.queue.put_nowait(event)
         except queue.Full:
-            # A slow client must not hold anyone up: drop it; it can reconnect.
+            # A slow client must not hold anyone up: drop it; it can reconnect and resume.
             self.cut_off = True
             self.close()
 
+    def await_id(self, event_id: int) -> None:
+        """Skip live events up to `event_id`, which this instance has not heard yet."""
+        self._awaiting = event_id
+        self._await_until = time.monotonic() + RESUME_WAIT_SECONDS
+
     def get(self, timeout: float) -> Event | None:
         """The next event, or None on timeout or when the stream was closed."""
+        if self.backlog:
+            return self.backlog.popleft()
+        if self._awaiting is not None:
+            left = self._await_until - time.monotonic()
+            if left > 0:
+                # Only a close, or the events after the awaited id once it came, arrive here.
+                with contextlib.suppress(queue.Empty):
+                    return self.queue.get(timeout=min(timeout, left))
+            with self._lock:
+                if self._awaiting is None or time.monotonic() < self._await_until:
+                    return None
+                self._awaiting = None
+                return Event.reset("unknown event id", self._skipped_to)
         if self.closed and self.queue.empty():
             return None
         try:
@@ -117,19 +240,39 @@ class Subscription:
 
 
 class Broker:
-    """Fans events from the listener out to this instance's stream clients.
+    """Fans events from the listener out to this instance's stream clients, and keeps the
+    most recent ones (every event, watched or not) to replay to a client that resumes.
+
+    Every instance hears every event in the same order (PostgreSQL's one notification queue,
+    in commit order), so an id means the same place in the stream on all of them: a client
+    may resume on any instance. Ids come from one sequence but may arrive out of numeric
+    order (a transaction that took its id first can commit last), so a resume looks the id
+    up and replays what arrived after it, never "the ids above it".
 
     `open_streams` counts the streams whose requests still run, cut off or not: each holds a
     thread, so that is what MAX_EVENT_STREAMS bounds.
     """
 
-    def __init__(self, max_streams: int, queue_size: int = 1000) -> None:
+    def __init__(
+        self,
+        max_streams: int,
+        queue_size: int = 1000,
+        replay_events: int = REPLAY_EVENTS,
+        replay_bytes: int = REPLAY_BYTES,
+    ) -> None:
         self.max_streams = max_streams
         self.queue_size = queue_size
+        self.replay_events = replay_events
+        self.replay_bytes = replay_bytes
         self._lock = threading.Lock()
         self._subscriptions: set[Subscription] = set()  # those still getting events
         self._streams: set[Subscription] = set()  # those holding a slot
         self._closed = False
+        self._ring: collections.deque[Event] = collections.deque()
+        self._ring_bytes = 0
+        # The highest id heard since start (kept over a reconnect's gap): an id above it is
+        # one this instance has yet to hear, not one it has forgotten.
+        self._highest_id: int | None = None
 
     @property
     def open_streams(self) -> int:
@@ -142,14 +285,41 @@ class Broker:
         with self._lock:
             return len(self._subscriptions)
 
-    def subscribe(self, task_id: int | None = None) -> Subscription:
+    @property
+    def replayable(self) -> int:
+        """How many events a resume can be sent now."""
+        with self._lock:
+            return len(self._ring)
+
+    def subscribe(
+        self, task_id: int | None = None, last_event_id: int | None = None
+    ) -> Subscription:
+        """A new stream; with `last_event_id`, one that first gets what came after that event
+        (or a stream.reset, when that is no longer known here)."""
         with self._lock:
             if self._closed or len(self._streams) >= self.max_streams:
                 raise TooManyStreams
             subscription = Subscription(self, task_id, self.queue_size)
+            if last_event_id is not None:
+                # Under the lock: an event is either in the replay or offered live, never both.
+                self._resume(subscription, last_event_id)
             self._subscriptions.add(subscription)
             self._streams.add(subscription)
             return subscription
+
+    def _resume(self, subscription: Subscription, last_event_id: int) -> None:
+        ring = self._ring
+        # Newest first: a client that resumes is usually only a little behind.
+        for back, event in enumerate(reversed(ring)):
+            if event.id == last_event_id:
+                missed = itertools.islice(ring, len(ring) - back, None)
+                subscription.backlog.extend(e for e in missed if subscription.matches(e))
+                return
+        if self._highest_id is None or last_event_id > self._highest_id:
+            subscription.await_id(last_event_id)
+            return
+        position = next((e.id for e in reversed(ring) if e.id is not None), None)
+        subscription.backlog.append(Event.reset("event id too old", position))
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
@@ -160,14 +330,34 @@ class Broker:
             self._subscriptions.discard(subscription)
             self._streams.discard(subscription)
 
-    def publish(self, event: dict[str, object]) -> None:
+    def publish(self, event: Event) -> None:
+        """An event heard from the database: keep it for resumes, offer it to every stream."""
         with self._lock:
+            ring = self._ring
+            ring.append(event)
+            self._ring_bytes += len(event.text)
+            while len(ring) > self.replay_events or self._ring_bytes > self.replay_bytes:
+                self._ring_bytes -= len(ring.popleft().text)
+            if event.id is not None and (self._highest_id is None or event.id > self._highest_id):
+                self._highest_id = event.id
+            if not self._subscriptions:
+                return
             subscriptions = list(self._subscriptions)
-        if not subscriptions:
-            return
-        shared = Event(event, json.dumps(event))
         for subscription in subscriptions:
-            subscription.offer(shared)
+            subscription.offer(event)
+
+    def lost_events(self, tell_streams: bool = True) -> None:
+        """The listener was not listening for a while: what happened meanwhile is unknown,
+        so nothing before now can be replayed, and (after a lost connection) every open
+        stream is told so with a stream.reset."""
+        with self._lock:
+            self._ring.clear()
+            self._ring_bytes = 0
+            subscriptions = list(self._subscriptions) if tell_streams else []
+        if subscriptions:
+            reset = Event.reset("events may have been missed: the instance reconnected", None)
+            for subscription in subscriptions:
+                subscription.offer(reset)
 
     def close(self) -> None:
         """End every stream (shutdown): their requests return and free their threads."""
@@ -185,11 +375,14 @@ class Listener:
     reconnect the worker is woken too, since notifications sent while the connection was down
     are lost (a cancellation missed then is still found by the next lease renewal).
 
-    Events are listened to only while this instance serves a stream: every change of every
-    instance is an event, and taking each off the wire costs the instance CPU for nothing
-    when no one watches (a tenth of a busy worker's time). The first stream asks for them
-    (events_wanted) and waits until the LISTEN is in place, so it misses nothing after it
-    starts; after the last one ends the listener stops listening.
+    Events are listened to only while a stream is open somewhere in the cluster, and for
+    LINGER_SECONDS after the last one closed: taking every change of every instance off the
+    wire costs each instance CPU (drain: ~9 us an event), for nothing when nobody watches.
+    But while someone watches, every instance listens, so each keeps the ring of recent
+    events a client may resume from wherever it reconnects (a load balancer sends it
+    anywhere). An instance with streams says so on STREAMS_CHANNEL; one that connects asks.
+    The first stream here asks for events (events_wanted) and waits until the LISTEN is in
+    place, so it misses nothing after it starts.
     """
 
     def __init__(
@@ -214,6 +407,11 @@ class Listener:
         self.delivering: bool | None = None
         # When the loop last came round (time.monotonic()), for the instance's liveness.
         self.beat_at = time.monotonic()
+        # Events are listened to until then (a stream here or elsewhere, LINGER_SECONDS on).
+        self._keep_until = 0.0
+        self._announced_at = -ANNOUNCE_SECONDS
+        # The connection was lost while events were listened to: the streams missed some.
+        self._interrupted = False
 
     @property
     def alive(self) -> bool:
@@ -247,21 +445,25 @@ class Listener:
                     self.database.listen(conn, WAKEUP_CHANNEL)
                     self.database.listen(conn, CANCEL_CHANNEL)
                     self.database.listen(conn, self.control_channel)
+                    self.database.listen(conn, STREAMS_CHANNEL)
+                    self.database.listen(conn, STREAMS_QUERY_CHANNEL)
                     self.connected.set()
                     delay = 0.1
                     self._check_delivery(conn)
+                    self._notify(STREAMS_QUERY_CHANNEL)  # is anyone watching?
                     self.on_wakeup()
                     while not self._stop.is_set():
                         self.beat_at = time.monotonic()
                         self._listen_to_events_if_wanted(conn)
                         for notify in conn.notifies(timeout=1.0):
-                            if notify.channel == self.control_channel:
-                                break  # a stream wants events: listen for them now
-                            self._dispatch(notify.channel, notify.payload)
+                            if self._dispatch(notify.channel, notify.payload):
+                                break  # events wanted or asked about: come round now
                         # An idle connection can die silently; a cheap query finds out.
                         self.database.fetch("ping", conn=conn)
             except Exception as exc:
                 self.connected.clear()
+                if self.listening_to_events.is_set():
+                    self._interrupted = True
                 self.listening_to_events.clear()
                 if self._stop.is_set():
                     return
@@ -303,27 +505,53 @@ class Listener:
         self.delivering = heard
 
     def _listen_to_events_if_wanted(self, conn: psycopg.Connection[Any]) -> None:
-        wanted = self.broker.receiving > 0
+        now = time.monotonic()
+        if self.broker.receiving > 0:
+            self._keep_until = now + LINGER_SECONDS
+            if now - self._announced_at >= ANNOUNCE_SECONDS:
+                self._announced_at = now
+                self._notify(STREAMS_CHANNEL)
+        wanted = now < self._keep_until
         if wanted and not self.listening_to_events.is_set():
             self.database.listen(conn, EVENTS_CHANNEL)
+            # What happened before this LISTEN is unknown here: no resume may reach past
+            # it, and after a lost connection the streams still open are told. (A stream
+            # that asked for this LISTEN starts only now: it misses nothing.)
+            self.broker.lost_events(tell_streams=self._interrupted)
+            self._interrupted = False
             self.listening_to_events.set()
         elif not wanted and self.listening_to_events.is_set():
             self.database.listen(conn, EVENTS_CHANNEL, listening=False)
             self.listening_to_events.clear()
+            self.broker.lost_events(tell_streams=False)
 
-    def _dispatch(self, channel: str, payload: str) -> None:
+    def _notify(self, channel: str) -> None:
+        # Through the pool, not this connection: a failure here is not the listener's.
+        try:
+            self.database.notify(channel)
+        except Exception as exc:
+            log.warning("could not notify %s: %s", channel, exc)
+
+    def _dispatch(self, channel: str, payload: str) -> bool:
+        """Act on one notification; True when the loop should come round at once."""
+        if channel == EVENTS_CHANNEL:
+            event = Event.from_payload(payload)
+            if event is None:
+                log.warning("ignored a malformed event: %r", payload[:200])
+            else:
+                self.broker.publish(event)
+            return False
         if channel == WAKEUP_CHANNEL:
             self.on_wakeup()
-            return
-        if channel == CANCEL_CHANNEL:
+        elif channel == CANCEL_CHANNEL:
             if payload.isascii() and payload.isdigit():
                 self.on_cancel(int(payload))
-            return
-        if channel != EVENTS_CHANNEL or self.broker.receiving == 0:
-            return  # nobody listens here (any more): skip the parsing
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            log.warning("ignored a malformed event: %r", payload[:200])
-            return
-        self.broker.publish(event)
+        elif channel == STREAMS_CHANNEL:
+            self._keep_until = max(self._keep_until, time.monotonic() + LINGER_SECONDS)
+            return not self.listening_to_events.is_set()
+        elif channel == STREAMS_QUERY_CHANNEL:
+            self._announced_at = -ANNOUNCE_SECONDS  # answer at the next round, if streaming
+            return self.broker.receiving > 0
+        elif channel == self.control_channel:
+            return True  # a stream wants events: listen for them now
+        return False

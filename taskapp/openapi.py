@@ -27,7 +27,7 @@ from jinja2 import DictLoader
 
 from . import schemas
 from .errors import PROBLEM_MIMETYPE, PROBLEM_TYPES, ProblemType
-from .events import EVENT_TYPES
+from .events import EVENT_TYPES, LINGER_SECONDS, REPLAY_EVENTS, RESET_TYPE
 
 SPEC_ROUTE = "/apispec_1.json"
 DOCS_ROUTE = "/apidocs/"
@@ -183,6 +183,42 @@ EVENTS_TASK_ID = {
     "description": "Only the events of this task.",
     "schema": _ID_SCHEMA,
 }
+_EVENT_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 0}
+_RESUME = (
+    f"The stream first sends what came after that event: any instance keeps the last "
+    f"{REPLAY_EVENTS:,} events (at most 8 MiB of them) while a stream is open anywhere in the "
+    f"cluster and {LINGER_SECONDS:.0f} s after. Too late (or an id it never heard), the "
+    f"stream starts with one `{RESET_TYPE}` event instead: fetch the state anew."
+)
+EVENTS_LAST_EVENT_ID = {
+    "name": "last_event_id",
+    "in": "query",
+    "required": False,
+    "description": "The `id` of the last event received, to resume from (a `Last-Event-ID` "
+    "header wins). " + _RESUME,
+    "schema": _EVENT_ID_SCHEMA,
+}
+LAST_EVENT_ID_HEADER = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "What an EventSource sends when it reconnects: the `id` of the last "
+    "event it got. " + _RESUME,
+    "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+}
+EVENTS_NAMED = {
+    "name": "named",
+    "in": "query",
+    "required": False,
+    "description": "`true`: each event also carries its type as the SSE event name "
+    "(`event: task.created`), for `addEventListener(type)`; then `onmessage` gets none. "
+    "By default events are unnamed, so `onmessage` gets every one.",
+    "schema": {"type": "boolean", "default": False},
+}
+# What a stream sends: every change, and its own stream.reset.
+_STREAM_MESSAGE = {
+    "oneOf": [{"$ref": "#/components/schemas/Event"}, {"$ref": "#/components/schemas/StreamReset"}]
+}
 QUEUE_NAME = {
     "name": "name",
     "in": "path",
@@ -216,7 +252,7 @@ def _json(schema: Any) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def _body(schema: str, description: str, examples: dict[str, Any]) -> dict[str, Any]:
+def _body(schema: Any, description: str, examples: dict[str, Any]) -> dict[str, Any]:
     """A required JSON body with its named examples; Swagger UI pre-fills the first."""
     named = {
         name: {"summary": summary, "value": value} for name, (summary, value) in examples.items()
@@ -235,6 +271,8 @@ def _responses(success: dict[str, Any], *errors: str) -> dict[str, Any]:
 
 
 def _ok(schema: Any, description: str, **extra: Any) -> dict[str, Any]:
+    if "headers" in extra:  # shared header tables: each response gets its own (X-Request-ID)
+        extra["headers"] = dict(extra["headers"])
     return {"description": description, "content": _json(schema), **extra}
 
 
@@ -326,6 +364,13 @@ KEY_UPDATE_EXAMPLES = {
         {"concurrency_limit": 1, "rate_limit": {"limit": 60, "period_seconds": 60}},
     ),
 }
+# Not `0` (Swagger UI's own sample): executed as shown, that would delete every finished task.
+PRUNE_EXAMPLES = {
+    "month": (
+        "Completed tasks unchanged for 30 days",
+        {"older_than_seconds": 30 * 24 * 3600, "statuses": ["completed"]},
+    ),
+}
 # What the schemas show for a field, and what Swagger UI puts in a sample it builds from a
 # schema: values the service accepts (its own samples broke rules such as `minimum`).
 PROPERTY_EXAMPLES: dict[str, dict[str, Any]] = {
@@ -344,6 +389,7 @@ PROPERTY_EXAMPLES: dict[str, dict[str, Any]] = {
     "RateLimit": {"limit": 10, "period_seconds": 1, "burst": 5},
     "QueueUpdate": {"key_concurrency_limit": 2},
     "KeyUpdate": {"concurrency_limit": 1},
+    "TaskPrune": {"older_than_seconds": 30 * 24 * 3600},
 }
 PROPERTY_EXAMPLES["TaskUpdate"] = {
     **PROPERTY_EXAMPLES["TaskCreate"],
@@ -413,7 +459,7 @@ PATHS: dict[str, dict[str, Any]] = {
                     "200": _ok("TaskOut", "The task.", headers=_ETAG_HEADERS),
                     "304": {
                         "description": "Not modified: `If-None-Match` named its current tag.",
-                        "headers": _ETAG_HEADERS,
+                        "headers": dict(_ETAG_HEADERS),
                     },
                 },
                 "404",
@@ -475,6 +521,43 @@ PATHS: dict[str, dict[str, Any]] = {
                 "404",
                 "409",
                 "415",
+            ),
+        },
+    },
+    "/tasks/prune": {
+        "post": {
+            "operationId": "prune_tasks",
+            "tags": ["tasks"],
+            "summary": "Delete finished tasks not changed for a while, with their conversations",
+            "description": "Deletes in batches of 1,000 (never waiting on a task being changed) "
+            "for about two seconds at most, then answers: while `done` is false there is more "
+            "to delete, so ask again. Like retention (`RETENTION_*_SECONDS`), it sends no events.",
+            "requestBody": _body(
+                schemas.TaskPrune,
+                "Which tasks: of these statuses, unchanged for this long.",
+                PRUNE_EXAMPLES,
+            ),
+            "responses": _responses(
+                {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "required": ["deleted", "done"],
+                            "properties": {
+                                "deleted": {
+                                    **_counts(*schemas.FINISHED_STATUSES),
+                                    "description": "Tasks deleted by this request, by status.",
+                                },
+                                "done": {
+                                    "type": "boolean",
+                                    "description": "false: more are due; send it again.",
+                                },
+                            },
+                        },
+                        "What this request deleted.",
+                    )
+                },
+                *BODY_ERRORS,
             ),
         },
     },
@@ -727,17 +810,26 @@ PATHS: dict[str, dict[str, Any]] = {
         },
     },
     "/events": {
-        "parameters": [EVENTS_TASK_ID],
+        "parameters": [EVENTS_TASK_ID, EVENTS_LAST_EVENT_ID, EVENTS_NAMED, LAST_EVENT_ID_HEADER],
         "get": {
             "operationId": "events",
             "tags": ["system"],
             "security": STREAM_KEY,
             "summary": "Server-Sent Events: one JSON event per change, made on any instance",
+            "description": (
+                "Opens with `retry: 1000` (reconnect after a second). Each event is "
+                "`id: <id>` and `data: <Event as JSON>`, unnamed unless `named=true`. A "
+                "refusal (a bad parameter, 422; no stream slot free, 503 with `Retry-After`) "
+                "is an HTTP answer before the stream starts. A client that falls 1,000 "
+                "events behind, or reads nothing for EVENT_SEND_TIMEOUT_SECONDS, is "
+                "disconnected: it reconnects and resumes with `Last-Event-ID`."
+            ),
             "responses": _responses(
                 {
                     "200": {
-                        "description": "An endless `text/event-stream`; each `data:` is an Event.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "An endless `text/event-stream`; each event's `data:` "
+                        "is one of these, its `id:` the same as its `id`.",
+                        "content": {"text/event-stream": {"schema": _STREAM_MESSAGE}},
                     }
                 },
                 "422",
@@ -745,26 +837,40 @@ PATHS: dict[str, dict[str, Any]] = {
         },
     },
     "/ws": {
-        "parameters": [EVENTS_TASK_ID],
+        "parameters": [EVENTS_TASK_ID, EVENTS_LAST_EVENT_ID],
         "get": {
             "operationId": "websocket",
             "tags": ["system"],
             "security": STREAM_KEY,
             "summary": "WebSocket: the same events as /events, one JSON text message each",
             "description": (
-                "A refusal (a bad `task_id`, too many streams) is an HTTP answer before the "
-                "upgrade. A client that reads nothing for EVENT_SEND_TIMEOUT_SECONDS is "
-                "disconnected; one that falls 1,000 events behind gets close code 1013."
+                "A refusal (a bad parameter, 422; no stream slot free, 503 with "
+                "`Retry-After`) is an HTTP answer before the upgrade. A client that reads "
+                "nothing, or answers no ping, for EVENT_SEND_TIMEOUT_SECONDS is "
+                "disconnected; one that falls 1,000 events behind gets close code 1013: "
+                "either reconnects with `?last_event_id=` the `id` of the last message it got."
             ),
             "responses": _responses(
                 {
-                    "101": {"description": "Switching Protocols; then one Event per message."},
+                    "101": {
+                        "description": "Switching Protocols; then one text message per event, "
+                        "each one of these.",
+                        "content": {"application/json": {"schema": _STREAM_MESSAGE}},
+                    },
                     "400": {"$ref": "#/components/responses/400"},
                 },
                 "422",
             ),
         },
     },
+}
+
+_EVENT_AT = {
+    "type": "string",
+    "format": "date-time",
+    "description": "When, in UTC with six fractional digits, always: "
+    "`2026-12-02T19:30:00.000000+00:00`.",
+    "example": "2026-12-02T19:30:00.000000+00:00",
 }
 
 # The system endpoints' bodies, written by hand: they are not marshmallow schemas.
@@ -831,8 +937,15 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Event": {
         "type": "object",
-        "required": ["type", "task_id", "status", "instance_id", "at"],
+        "description": "One change of a task or conversation, sent to every stream.",
+        "required": ["id", "type", "task_id", "status", "instance_id", "at"],
         "properties": {
+            "id": {
+                **_EVENT_ID_SCHEMA,
+                "description": "The event's number, the same on every instance (SSE `id:`): "
+                "resume from it. Increasing, though a change that took its number first may "
+                "commit, and arrive, after a later one.",
+            },
             "type": {
                 "type": "string",
                 "enum": list(EVENT_TYPES),
@@ -841,7 +954,7 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             "conversation_id": {"type": "integer"},
             "status": {"type": "string", "nullable": True, "description": "The task's status."},
             "instance_id": {"type": "string", "nullable": True},
-            "at": {"type": "string", "format": "date-time"},
+            "at": _EVENT_AT,
             "progress": {
                 "allOf": [{"$ref": "#/components/schemas/Progress"}],
                 "description": "task.progress only: the report, as the task now shows it.",
@@ -863,7 +976,46 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "StreamReset": {
+        "type": "object",
+        "description": "The stream can't send what the client missed (it resumed too late, "
+        "from an id this instance never heard, or the instance lost its database connection "
+        "for a while): fetch the state anew. Its `id`, when it has one, is where the stream "
+        "now is: keep it as the last event id.",
+        "required": ["type", "reason", "at"],
+        "properties": {
+            "id": _EVENT_ID_SCHEMA,
+            "type": {"type": "string", "enum": [RESET_TYPE]},
+            "reason": {"type": "string", "example": "event id too old"},
+            "at": _EVENT_AT,
+        },
+    },
 }
+
+
+# Every response but gunicorn's own (414) and a WebSocket's upgrade carries it (taskapp.logs).
+REQUEST_ID_HEADER = {
+    "description": "This request's id, in the log lines it caused: the request's own "
+    "`X-Request-ID` when it sent a sane one (1 to 128 letters, digits and `._~:/+=@-`), "
+    "else a new one (32 hex digits).",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._~:/+=@-]{1,128}$"},
+}
+
+
+def _with_request_id(document: dict[str, Any]) -> None:
+    """Add X-Request-ID to every response, in one place rather than in each operation."""
+    reference = {"$ref": "#/components/headers/X-Request-ID"}
+    components = document["components"]
+    components.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
+    responses = [(code, r) for code, r in components["responses"].items() if code != "414"]
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method != "parameters":
+                responses += list(operation["responses"].items())
+    for code, response in responses:
+        if "$ref" not in response and code != "101":
+            response.setdefault("headers", {})["X-Request-ID"] = reference
 
 
 def build_spec() -> dict[str, Any]:
@@ -926,6 +1078,7 @@ def build_spec() -> dict[str, Any]:
         operations = {k: v for k, v in item.items() if k != "parameters"}
         spec.path(path=path, operations=operations, parameters=item.get("parameters"))
     document = spec.to_dict()
+    _with_request_id(document)
     components = document["components"]
     for schema in components["schemas"].values():
         for name, prop in schema.get("properties", {}).items():

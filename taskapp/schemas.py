@@ -14,7 +14,7 @@ from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, pre_loa
 
 from .config import DEFAULT_QUEUE, QUEUE_NAME
 from .models import CONCURRENCY_KEY_MAX_LENGTH, TITLE_MAX_LENGTH
-from .states import CONVERSATION_STATUSES, TASK_STATUSES
+from .states import CONVERSATION_STATUSES, TASK_STATUSES, TERMINAL
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 BIGINT_MAX = 2**63 - 1
@@ -305,6 +305,29 @@ class KeyUpdate(_Input):
 
 class KeyListQuery(_Input):
     limit = QueryInteger(1, LIST_LIMIT_MAX, load_default=LIST_LIMIT_DEFAULT)
+
+
+# The oldest a prune may look back: a century (an interval beyond ~178 million years would be
+# out of PostgreSQL's range, a 500 instead of a 422).
+PRUNE_OLDER_THAN_MAX_SECONDS = 100 * 365 * 24 * 3600
+FINISHED_STATUSES = [status.value for status in TERMINAL]
+
+
+class TaskPrune(_Input):
+    """Which finished tasks a prune deletes: those of these statuses unchanged for so long."""
+
+    older_than_seconds = StrictInteger(
+        0,
+        PRUNE_OLDER_THAN_MAX_SECONDS,
+        required=True,
+        metadata={"description": "Delete those not changed for at least this long; 0: all."},
+    )
+    statuses = fields.List(
+        fields.String(validate=validate.OneOf(FINISHED_STATUSES)),
+        validate=validate.Length(min=1),
+        load_default=FINISHED_STATUSES,
+        metadata={"description": "Finished statuses to prune; default all three."},
+    )
 
 
 class ConversationOut(Schema):

@@ -10,13 +10,14 @@ update) are single conditional UPDATEs, so whoever commits first wins.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from . import states
+from . import metrics, queue, states
 from .config import DEFAULT_QUEUE
 from .database import Database
 from .errors import Conflict, ConversationLimit, NotFound, PreconditionFailed
@@ -274,6 +275,48 @@ def cancel_task(*, database: Database, task_id: int, instance_id: str | None) ->
         if row is None:
             raise _conflict(database, conn, task_id, states.CANCEL)
         return Rendered(row.id, row.json)
+
+
+# A prune request deletes batches of this many tasks (retention's size: each a short
+# transaction) for at most this long, then answers; the client asks again while not `done`,
+# so one request never holds a thread and a connection for the minutes a backlog can take.
+PRUNE_BATCH = 1000
+PRUNE_BUDGET_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one prune request deleted, by status, and whether nothing it asked for is left."""
+
+    deleted: dict[str, int]
+    done: bool
+
+
+def prune_tasks(
+    *,
+    database: Database,
+    statuses: list[str],
+    older_than_seconds: int,
+    budget_seconds: float = PRUNE_BUDGET_SECONDS,
+) -> Pruned:
+    """Delete finished tasks of these statuses unchanged for older_than_seconds, with their
+    conversations and errors, in retention's batches (SKIP LOCKED: never waits on a task
+    being changed, nor on the housekeepers pruning at the same time), within the budget."""
+    deadline = time.monotonic() + budget_seconds
+    deleted = dict.fromkeys(dict.fromkeys(statuses), 0)
+    for status in deleted:
+        while True:
+            count = queue.prune_finished(
+                database, status=status, keep_seconds=older_than_seconds, batch=PRUNE_BATCH
+            )
+            deleted[status] += count
+            if count:
+                metrics.tasks_pruned(status, count)
+            if count < PRUNE_BATCH:
+                break
+            if time.monotonic() >= deadline:
+                return Pruned(deleted, done=False)
+    return Pruned(deleted, done=True)
 
 
 def _conversation_not_found(conversation_id: int) -> NotFound:

@@ -5,7 +5,8 @@ Each statement starts with `-- name: NAME` and a one-line purpose. Parameters ar
 across files. `{{ task_json(alias) }}`, `{{ task_list_item_json(alias) }}` and
 `{{ conversation_json(alias) }}` stand for the JSON of a row as the API shows it, generated
 from the output schemas (taskapp.representation), so statements and schemas can't disagree;
-`{{ iso_now() }}` is the current time in the API's format.
+`{{ iso_now() }}` is the current time in the API's format. A statement whose comment holds
+`-- plan: generic` runs on the plan its first preparation made (taskapp.database says why).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SQL_DIR = Path(__file__).with_name("sql")
 
 _NAME_MARKER = re.compile(r"^-- name: ", flags=re.MULTILINE)
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+_GENERIC_PLAN_MARKER = "\n-- plan: generic\n"
 _FRAGMENT = re.compile(r"\{\{\s*(\w+)\(([^)]*)\)\s*\}\}")
 
 
@@ -75,3 +77,8 @@ def statement(name: str) -> str:
     if _statements is None:
         _statements = load()
     return _statements[name]
+
+
+def wants_generic_plan(name: str) -> bool:
+    """Whether the statement asks to be run on its generic plan (`-- plan: generic`)."""
+    return _GENERIC_PLAN_MARKER in statement(name)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from . import metrics, queue
+from . import metrics, queue, tracing
 from .attempt import (
     AttemptWrites,
     Backoff,
@@ -275,7 +275,9 @@ class Worker:
             claimed = claims.get()
             if claimed is None or self._stopping.is_set():
                 return  # a claim never started is still held: stop() hands it back
-            self._process(claimed)
+            task = claimed.task
+            with tracing.task_span(task.id, task.queue, task.attempts):
+                self._process(claimed)
             with self._lock:
                 if me not in self._threads:
                     return  # abandoned at a timeout: its slot went to a new thread
@@ -299,6 +301,7 @@ class Worker:
             ending.deferral = deferral
         except Exception as exc:
             ending.error = describe_error(exc)
+            tracing.failed(exc)
         duration = time.monotonic() - running.started
         with self._lock:
             if self._running.get(task.id) is running:

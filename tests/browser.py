@@ -66,8 +66,14 @@ def require_browser() -> None:
 
 
 @contextmanager
-def chromium(width: int = 1440, height: int = 1000) -> Iterator[WebDriver]:
-    """A fresh headless Chromium with its own profile; its console is kept for `console_errors`."""
+def chromium(
+    width: int = 1440, height: int = 1000, timezone: str | None = None
+) -> Iterator[WebDriver]:
+    """A fresh headless Chromium with its own profile; its console is kept for `console_errors`.
+
+    `timezone` (an IANA name, e.g. "Asia/Kolkata") is the browser's zone, as TZ sets it for the
+    whole process; without it the browser has this machine's.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -82,8 +88,10 @@ def chromium(width: int = 1440, height: int = 1000) -> Iterator[WebDriver]:
     options.add_argument(f"--user-data-dir={profile}")
     options.add_argument(f"--window-size={width},{height}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    env = {**os.environ, "TZ": timezone} if timezone else None  # chromedriver passes it on
     # An explicit driver path keeps Selenium Manager from trying to download one.
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    service = Service(executable_path=driver_path, env=env)
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         yield driver
     finally:

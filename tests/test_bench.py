@@ -28,7 +28,7 @@ TABLES = [
     "### Growth:",
     "#### Claim plan with",
     "### Memory (VmRSS) of one instance",
-    "### Drain of 5,000 tasks while 50,000 expired ones are pruned",
+    "### Drain of 2,000 tasks while 20,000 expired ones are pruned",
 ]
 
 

@@ -186,3 +186,29 @@ def test_api_answers_503_while_every_pooled_connection_is_dead(
     assert first.status_code == 503
     assert first.mimetype == "application/problem+json"
     assert client.get(path).status_code == 200  # the rest were dropped with it
+
+
+def test_the_claim_runs_on_its_generic_plan_and_leaves_the_session_as_it_was(
+    gateway: Database,
+) -> None:
+    """`-- plan: generic` (the dispatcher's claim): once psycopg has prepared it, PostgreSQL
+    runs it on one plan instead of planning it anew every round, and the setting that makes it
+    so ends with the statement's transaction."""
+    params = {
+        "task_ids": [],
+        "lease_tokens": [],
+        "results": [],
+        "instance_id": "plan-test",
+        "queues": ["no-such-queue"],
+        "limits": [1],
+        "lease_seconds": 30,
+    }
+    with gateway.connection() as conn:
+        for _ in range(8):  # psycopg prepares on the fifth execution
+            gateway.fetch("complete_and_claim", params, conn=conn)
+        generic, custom = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%-- plan: generic%%'"
+        ).fetchone()
+        assert generic > 0 and custom == 0, (generic, custom)
+        assert conn.execute("SHOW plan_cache_mode").fetchone()[0] == "auto"

@@ -31,6 +31,7 @@ WALKTHROUGH = [
     "update_conversation",
     "cancel_task",
     "retry_task",
+    "prune_tasks",
     "list_queues",
     "configure_queue",
     "get_queue",
@@ -180,8 +181,8 @@ def test_every_documented_example_gets_its_documented_status(
                 schema = as_validator(spec, media_types["application/json"]["schema"])
                 jsonschema.Draft4Validator(schema).validate(response.json())
             ran.append(what)
-    # 4 + 2 + 1 + 2 + 2 + 1 body examples, and a schema sample for each of the 6 bodies.
-    assert len(ran) == len(WALKTHROUGH) - 6 + 12 + 6
+    # 4 + 2 + 1 + 2 + 1 + 2 + 1 body examples, and a schema sample for each of the 7 bodies.
+    assert len(ran) == len(WALKTHROUGH) - 7 + 13 + 7
 
 
 def test_every_body_field_shows_a_value_its_schema_accepts(spec: dict[str, Any]) -> None:
@@ -200,6 +201,7 @@ def test_every_body_field_shows_a_value_its_schema_accepts(spec: dict[str, Any])
         "ConversationUpdate",
         "QueueUpdate",
         "KeyUpdate",
+        "TaskPrune",
     }
     for name in sorted(bodies | {"RateLimit"}):
         for field, prop in schemas[name]["properties"].items():

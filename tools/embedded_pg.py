@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -16,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import psycopg
 from psycopg import errors, sql
@@ -120,11 +123,15 @@ class EmbeddedPostgres:
         """Return the postgresql:// URL of a database on this server."""
         return f"postgresql://{DB_USER}@{HOST}:{self.port}/{dbname}"
 
-    def start(self) -> None:
-        """Create the data directory if it is new, start the server and wait until it is ready."""
+    def initialise(self) -> None:
+        """Create the data directory (initdb) if it holds no PostgreSQL data yet."""
         self._prepare()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
+
+    def start(self) -> None:
+        """Create the data directory if it is new, start the server and wait until it is ready."""
+        self.initialise()
         if self.running_port() == self.port:
             return  # already serving this directory on our port (a second start, or a leftover)
         self.stop()  # a leftover on another port holds the data directory
@@ -309,6 +316,75 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             raise RuntimeError(f"{shlex.join(args)} failed ({result.returncode}):\n{text}")
         return text
+
+
+class DataDirInUse(RuntimeError):
+    """Another live process holds a data directory's DataDirLock; `holder` is what it noted."""
+
+    def __init__(self, data_dir: Path, holder: dict[str, object]) -> None:
+        super().__init__(f"{data_dir} is in use by {holder or 'another process'}")
+        self.data_dir = data_dir
+        self.holder = holder
+
+
+class DataDirLock:
+    """An exclusive claim on a data directory for one launcher's whole run.
+
+    The server a data directory runs is reused by whoever starts it next (a leftover of a killed
+    launcher should be), so without a claim a second launcher would share the first one's server
+    and stop it on its way out. The claim is a flock(2) on a file in the data directory: the
+    kernel drops it when its holder dies however it dies, so a stale one can't block anybody.
+    The file holds a note from the holder (its pid, its ports) for the refusal to name it.
+    """
+
+    FILE_NAME = "launcher.lock"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / self.FILE_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self, note: Mapping[str, object]) -> None:
+        """Take the claim and write note; raise DataDirInUse (naming the holder) if it is taken."""
+        if self._file is not None:
+            self.update(note)
+            return
+        # Opened without truncating: the note belongs to the holder until the claim is ours.
+        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            text = file.read()
+            file.close()
+            raise DataDirInUse(self.path.parent, _parse_note(text)) from None
+        self._file = file
+        self.update(note)
+
+    def update(self, note: Mapping[str, object]) -> None:
+        """Replace the note (e.g. once the server's port is known)."""
+        assert self._file is not None, "acquire() first"
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps(dict(note)) + "\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Give the claim up; no-op if not held."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()  # no note outlives its holder's run
+        self._file.close()  # closing drops the flock
+        self._file = None
+
+
+def _parse_note(text: str) -> dict[str, object]:
+    """The holder's note, or {} while it is still being written (or was never written)."""
+    try:
+        note = json.loads(text)
+    except ValueError:
+        return {}
+    return note if isinstance(note, dict) else {}
 
 
 def _ensure_system_user(name: str) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 Without DATABASE_URL, an embedded PostgreSQL is started with its data in .pgdata/ (kept across
 runs). Ctrl-C or SIGTERM stops the instances gracefully, then PostgreSQL, and exits 0; an
-instance that dies on its own stops everything with exit status 1.
+instance that dies on its own stops everything with exit status 1. One run at a time owns
+.pgdata/: a second one started in the same checkout says which run holds it and exits 1,
+touching nothing (with DATABASE_URL pointing at the first one's database it can run alongside).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
-from tools.embedded_pg import EmbeddedPostgres, port_is_free
+from tools.embedded_pg import DataDirInUse, DataDirLock, EmbeddedPostgres, port_is_free
 from tools.gunicorn_process import GunicornProcess, gunicorn_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,7 @@ class Launcher:
         self.stopping = threading.Event()  # a stop was asked for (Ctrl-C, SIGTERM)
         self.hurry = threading.Event()  # a second one: kill now, don't wait
         self.postgres: EmbeddedPostgres | None = None
+        self.lock: DataDirLock | None = None  # our claim on .pgdata/, while we use it
         self.instances: list[Instance] = []
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -94,6 +97,8 @@ class Launcher:
             if self.postgres is not None:
                 self.postgres.stop()
                 say("PostgreSQL stopped")
+            if self.lock is not None:
+                self.lock.release()
         if status == 0 and not clean:
             say("an instance did not stop cleanly")
             return 1
@@ -101,11 +106,21 @@ class Launcher:
 
     def serve(self) -> int:
         """Start everything and wait for a signal or a death; return the exit status."""
+        database_url = os.environ.get("DATABASE_URL")
+        if not database_url:
+            # Before the ports: a second run on the default ones is told whose they are.
+            try:
+                self.claim_data_dir()
+            except DataDirInUse as exc:
+                say(describe_holder(exc))
+                return 1
+            except (RuntimeError, OSError) as exc:
+                say(f"PostgreSQL's data directory could not be prepared: {exc}")
+                return 1
         busy = [port for port in self.ports if not port_is_free(port, "0.0.0.0")]
         if busy:
             say(f"port(s) {busy} already in use (docker compose up?); choose others with --ports")
             return 1
-        database_url = os.environ.get("DATABASE_URL")
         if not database_url:
             try:
                 database_url = self.start_postgres()
@@ -132,8 +147,27 @@ class Launcher:
         say("stopping (Ctrl-C again to kill at once)")
         return 0
 
+    def note(self, database_url: str | None = None) -> dict[str, object]:
+        """What a second run is told about this one."""
+        note: dict[str, object] = {"pid": os.getpid(), "ports": self.ports}
+        if database_url:
+            note["database_url"] = database_url
+        return note
+
+    def claim_data_dir(self) -> None:
+        """Make .pgdata/ if new and claim it for this run; DataDirInUse if another run has it."""
+        # The claim lives in the data directory, which initdb must find empty: make it first.
+        EmbeddedPostgres(PG_DATA_DIR, port=PG_PORT).initialise()
+        lock = DataDirLock(PG_DATA_DIR)
+        lock.acquire(self.note())
+        self.lock = lock
+
     def start_postgres(self) -> str:
-        """Start the embedded PostgreSQL in .pgdata/, create the database, return its URL."""
+        """Start the embedded PostgreSQL in .pgdata/, create the database, return its URL.
+
+        A server already running on .pgdata/ is a leftover of a run that was killed (a live run
+        would hold the claim): it is reused, and stopped when this run ends.
+        """
         postgres = EmbeddedPostgres(PG_DATA_DIR, port=PG_PORT)
         if postgres.running_port() != PG_PORT and not port_is_free(PG_PORT):
             postgres = EmbeddedPostgres(PG_DATA_DIR)  # something else holds it: take a free one
@@ -142,6 +176,8 @@ class Launcher:
         postgres.start()
         postgres.create_database(DATABASE_NAME)
         url = postgres.url(DATABASE_NAME)
+        if self.lock is not None:
+            self.lock.update(self.note(url))
         say(f"PostgreSQL ready: {url}")
         return url
 
@@ -194,6 +230,23 @@ class Launcher:
             codes = ", ".join(f"{i.port}: {i.returncode}" for i in self.instances)
             say(f"instances stopped (exit status {codes})")
         return all(instance.returncode == 0 for instance in self.instances)
+
+
+def describe_holder(exc: DataDirInUse) -> str:
+    """One line: which run holds the data directory, and what to do instead."""
+    holder = exc.holder
+    ports = holder.get("ports")
+    ports_text = ",".join(map(str, ports)) if isinstance(ports, list) else "?"
+    line = (
+        f"{exc.data_dir} is in use by another ./run.sh (pid {holder.get('pid', '?')}, "
+        f"ports {ports_text}): stop that one first"
+    )
+    url = holder.get("database_url")
+    if isinstance(url, str) and isinstance(ports, list):
+        # Instances of this run, alongside the first one's, on its database.
+        others = ",".join(str(p + 1000 if p + 1000 < 65536 else p - 1000) for p in ports)
+        line += f", or share its database: DATABASE_URL={url} ./run.sh --ports {others}"
+    return line
 
 
 def _hide_password(url: str) -> str:

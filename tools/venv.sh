@@ -24,4 +24,14 @@ ensure_venv() {
         .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
         echo "$wanted" >"$stamp"
     fi
+    # The project itself, editable and without dependencies (they are the pins above): it
+    # puts the `taskapp` command (pyproject.toml's [project.scripts]) into .venv/bin.
+    local project_stamp=.venv/.project.sha256 project
+    project="$(.venv/bin/python -c \
+        'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
+    if [ ! -x .venv/bin/taskapp ] || [ "$(cat "$project_stamp" 2>/dev/null)" != "$project" ]; then
+        echo "installing the taskapp command into .venv"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+        echo "$project" >"$project_stamp"
+    fi
 }

@@ -1,11 +1,18 @@
 """Live events: Server-Sent Events at /events and a WebSocket at /ws.
 
+Every refusal (a bad parameter, no stream slot free) is decided before the stream starts or
+the WebSocket is accepted, and is an ordinary problem+json answer. A client that says where
+it stopped (SSE `Last-Event-ID`, or `?last_event_id=`) first gets what it missed, from this
+instance's ring of recent events (taskapp.events.Broker), or a `stream.reset`.
+
 A stream holds one request thread for as long as it is open, so it never waits on its client
 without bound: a write waits at most EVENT_SEND_TIMEOUT_SECONDS for room in the socket's
 buffer (a client that doesn't read is then disconnected), and every second (or keep-alive,
 if sooner) the stream looks, without blocking, whether its client has gone or, on a
-WebSocket, sent a frame (close, ping). One thread per stream and nothing beside it: no reader
-thread, and a refused WebSocket is a plain HTTP answer before any upgrade.
+WebSocket, sent a frame (close, ping, pong). A peer that vanished without a word (its machine
+or network gone) is found by TCP itself: keepalive probes and TCP_USER_TIMEOUT end the
+connection after EVENT_SEND_TIMEOUT_SECONDS unanswered. One thread per stream and nothing
+beside it: no reader thread.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
-from marshmallow import ValidationError
+from marshmallow import RAISE, Schema, ValidationError, fields
 from werkzeug.exceptions import ServiceUnavailable
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -32,8 +39,10 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
 from .. import runtime
+from ..auth import QUERY_KEY_PARAM
 from ..errors import BadRequest
-from ..events import Subscription, TooManyStreams
+from ..events import EVENT_TYPES, RESET_TYPE, Event, Subscription, TooManyStreams
+from ..schemas import BIGINT_MAX, QueryInteger
 from .common import settings
 
 bp = Blueprint("events", __name__)
@@ -49,24 +58,80 @@ READS_PER_LOOK = 16
 STREAM_SEND_BUFFER_BYTES = 64 * 1024
 # A write waiting for room looks this often whether its stream was closed (a SIGTERM).
 WRITE_WAIT_SLICE_SECONDS = 0.25
+# TCP keepalive probes start after this long without traffic, one a second: the kernel's,
+# costing the instance nothing; EVENT_SEND_TIMEOUT_SECONDS unanswered ends the connection.
+KEEPALIVE_IDLE_SECONDS = 2
 
 
-def _subscribe() -> Subscription:
+# What an EventSource waits before it reconnects (SSE `retry:`), in milliseconds: soon, so a
+# client cut off or moved to another instance resumes well inside the replay window.
+RETRY_MILLISECONDS = 1000
+# What a client refused for want of a free stream slot is told to wait (Retry-After).
+STREAMS_FULL_RETRY_AFTER_SECONDS = 5
+# Named SSE events (`event: task.created`): only the types the service sends, so a foreign
+# NOTIFY can't write an SSE field of its own.
+_NAMED_TYPES = frozenset((*EVENT_TYPES, RESET_TYPE))
+
+
+class StreamQuery(Schema):
+    """The query of /events and /ws: unknown parameters are a 422 like everywhere else."""
+
+    class Meta:
+        unknown = RAISE
+
+    task_id = QueryInteger(1, BIGINT_MAX)
+    last_event_id = QueryInteger(0, BIGINT_MAX)
+    named = fields.Boolean()
+    # Read by auth.py before the route runs (browsers can't send headers on streams).
+    api_key = fields.String(data_key=QUERY_KEY_PARAM)
+
+
+_QUERY = StreamQuery()
+_EVENT_ID = QueryInteger(0, BIGINT_MAX)
+
+
+def _stream_request() -> tuple[dict[str, Any], int | None]:
+    """The stream's parameters, and the id of the last event the client got, if it says:
+    `Last-Event-ID` (what an EventSource sends when it reconnects) over `?last_event_id=`
+    (which stays in the URL it first opened)."""
+    query = _QUERY.load(request.args.to_dict())
+    header = request.headers.get("Last-Event-ID", "").strip()
+    if header:
+        try:
+            return query, _EVENT_ID.deserialize(header)
+        except ValidationError as exc:
+            raise ValidationError({"Last-Event-ID": exc.messages}) from None
+    return query, query.get("last_event_id")
+
+
+def _subscribe() -> tuple[Subscription, bool]:
+    """This request's stream, and whether its events are named; every refusal is raised
+    here, before anything of the stream is sent."""
+    query, last_event_id = _stream_request()
     instance = runtime.current(current_app)
-    raw = request.args.get("task_id")
-    task_id = None
-    if raw is not None:
-        if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 2**63:
-            raise ValidationError({"task_id": ["Not a valid task id."]})
-        task_id = int(raw)
     if instance is None:
         raise ServiceUnavailable("This process runs no event listener.")
     try:
-        return instance.subscribe(task_id)
+        subscription = instance.broker.subscribe(query.get("task_id"), last_event_id)
     except TooManyStreams:
         raise ServiceUnavailable(
-            f"Too many event streams: this instance serves at most {instance.broker.max_streams}."
+            f"Too many event streams: this instance serves at most {instance.broker.max_streams}.",
+            retry_after=STREAMS_FULL_RETRY_AFTER_SECONDS,
         ) from None
+    # The listener is normally listening already; at start or while it reconnects the
+    # stream goes on, and gets a stream.reset once events flow again.
+    if not instance.listener.events_wanted():
+        current_app.logger.warning("event stream opened while the event listener reconnects")
+    return subscription, bool(query.get("named"))
+
+
+def sse_frame(event: Event, named: bool) -> str:
+    """One event as Server-Sent Events: its id, its type when named, its JSON as the data.
+    Unnamed by default, so an EventSource's `onmessage` gets every event."""
+    lines = f"id: {event.id}\n" if event.id is not None else ""
+    if named and event.type in _NAMED_TYPES:
+        lines += f"event: {event.type}\n"
+    return f"{lines}data: {event.text}\n\n"
 
 
 def _ready(sock: socket.socket, events: int, timeout: float) -> bool:
@@ -101,10 +166,20 @@ def _client_gone(sock: socket.socket) -> bool:
 
 
 def _stream_socket(sock: socket.socket, send_timeout: float) -> None:
-    """Ready a stream's socket: writes wait at most send_timeout, in a buffer of bounded size."""
+    """Ready a stream's socket: writes wait at most send_timeout, in a buffer of bounded size,
+    and a peer that stops answering (gone without a FIN or RST) is dropped by TCP within
+    about send_timeout, idle or not (TCP_USER_TIMEOUT bounds unacknowledged data and, with
+    keepalive on, unanswered probes; Linux). Without that a dead client's keep-alives
+    queue unacknowledged until TCP gives up, ~15 minutes, and hold a thread all that time."""
     sock.settimeout(send_timeout)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * 1000))
 
 
 def _hang_up(sock: socket.socket, how: int) -> None:
@@ -114,7 +189,7 @@ def _hang_up(sock: socket.socket, how: int) -> None:
 
 @bp.get("/events")
 def server_sent_events() -> Response:
-    subscription = _subscribe()
+    subscription, named = _subscribe()
     config = settings()
     keepalive, send_timeout = config.event_keepalive_seconds, config.event_send_timeout_seconds
     sock: socket.socket | None = request.environ.get("gunicorn.socket")
@@ -124,7 +199,7 @@ def server_sent_events() -> Response:
             if sock is not None:
                 # gunicorn writes what we yield; this bounds each of its sendall() calls.
                 _stream_socket(sock, send_timeout)
-            yield ": connected\n\n"
+            yield f": connected\nretry: {RETRY_MILLISECONDS}\n\n"
             written = time.monotonic()
             healthy = True
             while not subscription.closed:
@@ -133,7 +208,7 @@ def server_sent_events() -> Response:
                     healthy = False
                     break
                 if event is not None:
-                    chunk = f"event: {event.data['type']}\ndata: {event.text}\n\n"
+                    chunk = sse_frame(event, named)
                 elif time.monotonic() - written >= keepalive:
                     chunk = ": keep-alive\n\n"
                 else:
@@ -190,7 +265,8 @@ def websocket() -> Response:
     if sock is None:
         raise BadRequest("WebSockets are served only under gunicorn.")
     # Refusals (too many streams, a bad task_id) are answered here, before the upgrade.
-    with _subscribe() as subscription:
+    subscription, _ = _subscribe()
+    with subscription:
         config = settings()
         _stream_socket(sock, config.event_send_timeout_seconds)
         try:
@@ -209,14 +285,24 @@ def _serve_websocket(
     keepalive, send_timeout = config.event_keepalive_seconds, config.event_send_timeout_seconds
     sock.sendall(connection.send(AcceptConnection()))
     written = time.monotonic()
+    # When the ping not yet answered went out: a client that answers nothing (pong or any
+    # frame) for EVENT_SEND_TIMEOUT_SECONDS after it is hung, and is hung up on.
+    pinged_at: float | None = None
     while not subscription.closed:
         event = subscription.get(timeout=min(TICK_SECONDS, keepalive))
-        if not _answer_client(sock, connection):
+        heard = _answer_client(sock, connection)
+        if heard is None:
             return
+        if heard:
+            pinged_at = None
+        elif pinged_at is not None and time.monotonic() - pinged_at > send_timeout:
+            return  # no answer to a ping: a frozen or vanished client
         if event is not None:
             data = connection.send(TextMessage(data=event.text))
         elif time.monotonic() - written >= keepalive:
-            data = connection.send(Ping())  # also finds a peer that vanished without a FIN
+            data = connection.send(Ping())
+            if pinged_at is None:
+                pinged_at = time.monotonic()
         else:
             continue
         if not _writable(sock, send_timeout, subscription):
@@ -226,27 +312,32 @@ def _serve_websocket(
     # Cut off (fell behind) or the instance is stopping: say so, if the client can hear it.
     if _ready(sock, select.POLLOUT, 0):
         if subscription.cut_off:
-            close = CloseConnection(CloseReason.TRY_AGAIN_LATER, "too slow: reconnect")
+            close = CloseConnection(
+                CloseReason.TRY_AGAIN_LATER, "too slow: reconnect with ?last_event_id="
+            )
         else:
             close = CloseConnection(CloseReason.GOING_AWAY, "the instance is stopping")
         sock.sendall(connection.send(close))
 
 
-def _answer_client(sock: socket.socket, connection: WSConnection) -> bool:
-    """Read what the client sent, without blocking, and answer pings and a close; False when
-    the stream is over (closed or gone). Its messages mean nothing here and are dropped."""
+def _answer_client(sock: socket.socket, connection: WSConnection) -> bool | None:
+    """Read what the client sent, without blocking, and answer pings and a close: whether it
+    sent anything, or None when the stream is over (closed or gone). Its messages mean
+    nothing here and are dropped."""
+    heard = False
     for _ in range(READS_PER_LOOK):
         if not _ready(sock, select.POLLIN, 0):
-            return True
+            return heard
         data = sock.recv(65536)
         if not data:
-            return False
+            return None
+        heard = True
         connection.receive_data(data)
         for event in connection.events():
             if isinstance(event, CloseConnection):
                 if _ready(sock, select.POLLOUT, 0):
                     sock.sendall(connection.send(event.response()))
-                return False
+                return None
             if isinstance(event, Ping):
                 sock.sendall(connection.send(event.response()))
-    return True
+    return heard

@@ -1,4 +1,4 @@
-"""Tasks: create (idempotently with a key), list, read, update, delete, retry, cancel.
+"""Tasks: create (idempotently with a key), list, read, update, delete, retry, cancel, prune.
 
 Every response that carries a task carries its `ETag`: a strong validator, the hash of the
 very JSON sent, so it changes with anything the task's GET shows (its conversations, errors
@@ -26,6 +26,7 @@ from ..schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     TaskCreate,
     TaskListQuery,
+    TaskPrune,
     TaskUpdate,
 )
 from .common import json_object, json_text, no_content, settings
@@ -34,6 +35,7 @@ bp = Blueprint("tasks", __name__, url_prefix="/tasks")
 
 # Built once: a schema instance is reusable across requests and costs ~50 us to build.
 _TASK_CREATE, _TASK_UPDATE, _LIST_QUERY = TaskCreate(), TaskUpdate(), TaskListQuery()
+_PRUNE = TaskPrune()
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -153,3 +155,9 @@ def retry_task(task_id: int) -> ResponseReturnValue:
 @bp.post("/<id:task_id>/cancel")
 def cancel_task(task_id: int) -> ResponseReturnValue:
     return _task_response(services.cancel_task(**_writer(), task_id=task_id))
+
+
+@bp.post("/prune")
+def prune_tasks() -> ResponseReturnValue:
+    pruned = services.prune_tasks(database=get_database(), **_PRUNE.load(json_object()))
+    return {"deleted": pruned.deleted, "done": pruned.done}

@@ -20,7 +20,9 @@
 -- revision it saw, and stores its result (the processor's return value as JSON text, or
 -- NULL) with the same write. A claim hands the processor only the `active` conversations and
 -- keeps their revisions as its snapshot (claim_snapshot); `processed` lists the done ones
--- with their results.
+-- with their results. Run on its generic plan: planning it anew each round cost more than
+-- running it (taskapp.database).
+-- plan: generic
 WITH finishing AS (
     SELECT f.task_id, f.lease_token, f.result
     FROM unnest(CAST(:task_ids AS bigint[]), CAST(:lease_tokens AS uuid[]),

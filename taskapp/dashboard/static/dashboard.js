@@ -170,6 +170,12 @@
     notice.hidden = !text;
   }
 
+  /** A form's or an action's result line: its text, shown as "ok", "error" or neither (null). */
+  function showResult(node, text, kind) {
+    node.className = kind ? `form-result ${kind}` : "form-result";
+    node.textContent = text;
+  }
+
   // ---------------------------------------------------------------- helpers
 
   /** Build an element: el("a", {href: "/x", className: "y"}, "text", child, ...). */
@@ -239,15 +245,38 @@
     return `${Math.floor(hours / 24)} days`;
   }
 
-  /** A <time> showing the local time (and the date when it is not today); full ISO on hover. */
+  // Every time on the page is written one way: "2026-12-02 13:00:00 CET", in the browser's
+  // time zone (the one its date inputs are read in), named, so that no reader has to guess
+  // the date or the zone. The parts come from Intl; the order and separators are fixed here,
+  // as locales disagree on them. en-US only for the zone's short name ("UTC", "GMT+5:30").
+  const TIME_PARTS = new Intl.DateTimeFormat("en-US", {
+    year: "numeric",
+    month: "2-digit",
+    day: "2-digit",
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+    hourCycle: "h23",
+    timeZoneName: "short",
+  });
+
+  /** "2026-12-02 13:00:00 CET": a Date (or an ISO 8601 string) in the browser's zone. */
+  function formatTime(value) {
+    const date = value instanceof Date ? value : new Date(value);
+    if (Number.isNaN(date.getTime())) return String(value);
+    const part = Object.fromEntries(TIME_PARTS.formatToParts(date).map((p) => [p.type, p.value]));
+    return `${part.year}-${part.month}-${part.day} ${part.hour}:${part.minute}:${part.second} ${part.timeZoneName}`;
+  }
+
+  /** The zone times are shown in, by its short name ("UTC", "CET"). */
+  function timeZoneName() {
+    return formatTime(new Date()).split(" ").slice(2).join(" ");
+  }
+
+  /** A <time> in the one format above; the API's own ISO 8601 text on hover. */
   function timeElement(iso) {
     if (!iso) return el("span", { className: "subtle" }, "–");
-    const date = new Date(iso);
-    const today = new Date().toDateString() === date.toDateString();
-    const text = today
-      ? date.toLocaleTimeString([], { hour12: false })
-      : date.toLocaleString([], { hour12: false, dateStyle: "short", timeStyle: "medium" });
-    return el("time", { datetime: iso, title: iso }, text);
+    return el("time", { datetime: iso, title: iso }, formatTime(iso));
   }
 
   function shortId(id) {
@@ -308,6 +337,7 @@
       this.source = null;
       this.pollTimer = null;
       this.retryMs = 2000;
+      this.stopped = false;
     }
 
     start() {
@@ -319,6 +349,7 @@
     }
 
     connect() {
+      if (this.stopped) return;
       const source = new EventSource(withKey(this.url));
       this.source = source;
       source.onopen = () => {
@@ -328,6 +359,7 @@
         this.resync();
       };
       source.onerror = () => {
+        if (this.stopped) return;
         this.startPolling("event stream lost");
         if (source.readyState === EventSource.CLOSED) {
           // The browser gave up (an HTTP error, e.g. 401 or 503): try again ourselves, slower.
@@ -335,17 +367,22 @@
           this.retryMs = Math.min(this.retryMs * 2, 30000);
         }
       };
-      for (const type of EVENT_TYPES) {
-        source.addEventListener(type, (message) => {
-          let event;
-          try {
-            event = JSON.parse(message.data);
-          } catch (error) {
-            return;
-          }
+      // Events come unnamed, each with its `type` in its data. After a reconnect the browser
+      // sends Last-Event-ID and gets what it missed; a `stream.reset` says that could not be
+      // done (too long away, or another instance that no longer has them): resync.
+      source.onmessage = (message) => {
+        let event;
+        try {
+          event = JSON.parse(message.data);
+        } catch (error) {
+          return;
+        }
+        if (event.type === "stream.reset") {
+          this.resync();
+        } else if (EVENT_TYPES.includes(event.type)) {
           this.onEvent(event);
-        });
-      }
+        }
+      };
     }
 
     startPolling(reason) {
@@ -358,6 +395,13 @@
     stopPolling() {
       clearInterval(this.pollTimer);
       this.pollTimer = null;
+    }
+
+    /** Stop listening and polling for good (the page has nothing left to watch). */
+    stop() {
+      this.stopped = true;
+      this.stopPolling();
+      if (this.source) this.source.close();
     }
   }
 
@@ -388,7 +432,8 @@
       }
       lastQueue = data.queue;
       instances.update(data.instances, data.instance_id);
-      queues.update((await api("/queues/")).data);
+      const queuesReadAt = performance.now();
+      queues.update((await api("/queues/")).data, queuesReadAt);
       await refreshOldestPending(data.queue.pending);
     }
 
@@ -425,6 +470,7 @@
         if (event.type === "task.completed" || event.type === "task.failed") {
           throughput.addEvent(event);
         }
+        instances.noteEvent(event);
         // A progress report changes no count and nothing the table shows.
         if (event.type.startsWith("task.") && event.type !== "task.progress") {
           refreshCounts();
@@ -469,9 +515,19 @@
       this.body = table.tBodies[0];
       this.result = document.getElementById("queues-result");
       this.onChange = onChange;
+      // The queue and the `paused` the result line describes, and since when (performance.now()):
+      // once a read made after that shows otherwise, it is cleared.
+      this.resultFor = null;
     }
 
-    update(rows) {
+    /** Show the queues, as read by a request started at `readAt` (performance.now()). */
+    update(rows, readAt) {
+      const about = this.resultFor && rows.find((queue) => queue.name === this.resultFor.name);
+      const stale = this.resultFor && readAt > this.resultFor.since;
+      if (stale && (!about || about.paused !== this.resultFor.paused)) {
+        showResult(this.result, "", null);
+        this.resultFor = null;
+      }
       if (!rows.length) {
         this.body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "empty" }, "No queues yet")));
         return;
@@ -496,7 +552,7 @@
       const action = queue.paused ? "resume" : "pause";
       const button = el("button", { type: "button", className: "queue-action" }, queue.paused ? "Resume" : "Pause");
       button.dataset.queue = queue.name;
-      button.addEventListener("click", () => this.act(queue.name, action, button));
+      button.addEventListener("click", () => this.act(queue, action, button));
       return el(
         "tr",
         { dataset: { queue: queue.name } },
@@ -509,21 +565,38 @@
       );
     }
 
-    async act(name, action, button) {
+    async act(queue, action, button) {
+      const { name } = queue;
       button.disabled = true;
-      this.result.className = "form-result";
+      this.resultFor = null;
       try {
         await api(`/queues/${encodeURIComponent(name)}/${action}`, { method: "POST" });
-        this.result.classList.add("ok");
-        this.result.textContent = action === "pause" ? `Paused ${name} on every instance.` : `Resumed ${name}.`;
+        showResult(this.result, action === "pause" ? `Paused ${name} on every instance.` : `Resumed ${name}.`, "ok");
+        this.resultFor = { name, paused: action === "pause", since: performance.now() };
       } catch (error) {
-        this.result.classList.add("error");
-        this.result.textContent = error instanceof ApiError ? error.message : String(error);
+        showResult(this.result, error instanceof ApiError ? error.message : String(error), "error");
+        // Refused in the state shown.
+        this.resultFor = { name, paused: queue.paused, since: performance.now() };
       }
       this.onChange();
     }
   }
 
+  // How much newer than an event a heartbeat must be to overrule it. An instance lists a task
+  // it claimed a moment after the claim commits (and the event's `at` is the claim's own
+  // time), so a heartbeat written just after a claim may not list it yet.
+  const HEARTBEAT_OVERRULES_AFTER_MS = 1000;
+
+  /**
+   * The instances, from /status's heartbeat rows; which task each one runs, from the events.
+   *
+   * A heartbeat row is written every few seconds (up to 5), so on its own it shows a task
+   * running for up to 5 s after it finished, and an instance idle while it works. The events
+   * say it at once: a claim (its instance_id is the one that runs it), a deletion, and any
+   * event of a task that is not running any more. An event overrules the heartbeats older than
+   * itself, and a heartbeat overrules the events older than it (a missed event, or one from
+   * while the stream was down, is mended within a beat). Both times are the database's clock.
+   */
   class InstancesTable {
     constructor(table) {
       this.body = table.tBodies[0];
@@ -531,6 +604,49 @@
       this.known = new Map(); // instance_id -> {row, fetchedAt, listed}
       this.servingId = null;
       this.ageCells = [];
+      this.runs = new Map(); // task id -> {instanceId (null: runs nowhere), at (ms)}
+      this.renderSoon = coalesce(() => this.render(), 100);
+    }
+
+    /** Learn from an event which instance runs a task now, or that none does. */
+    noteEvent(event) {
+      if (!event.type.startsWith("task.") || typeof event.task_id !== "number") return;
+      const at = Date.parse(event.at);
+      if (Number.isNaN(at)) return;
+      let instanceId;
+      if (event.type === VOCABULARY.claimed_event) {
+        instanceId = event.instance_id;
+      } else if (event.type === VOCABULARY.deleted_event || event.status !== VOCABULARY.running) {
+        instanceId = null;
+      } else {
+        return; // still running where it ran (an edit's instance_id is the API's, not its runner's)
+      }
+      const known = this.runs.get(event.task_id);
+      if (known && known.at > at) return;
+      this.runs.set(event.task_id, { instanceId, at });
+      this.renderSoon();
+    }
+
+    /** The tasks an instance runs: its last heartbeat's, corrected by the events since. */
+    currentTasks(row) {
+      const current = new Set(row.current_tasks);
+      const beat = Date.parse(row.last_heartbeat) - HEARTBEAT_OVERRULES_AFTER_MS;
+      for (const [taskId, run] of this.runs) {
+        if (run.at <= beat) continue;
+        if (run.instanceId === row.instance_id) current.add(taskId);
+        else current.delete(taskId);
+      }
+      return [...current].sort((a, b) => a - b);
+    }
+
+    /** Forget the events every listed heartbeat has overruled. */
+    forgetOverruled() {
+      const beats = [...this.known.values()]
+        .filter((entry) => entry.listed)
+        .map((entry) => Date.parse(entry.row.last_heartbeat));
+      if (!beats.length) return;
+      const oldest = Math.min(...beats) - HEARTBEAT_OVERRULES_AFTER_MS;
+      for (const [taskId, run] of this.runs) if (run.at <= oldest) this.runs.delete(taskId);
     }
 
     update(rows, servingId) {
@@ -545,6 +661,7 @@
       for (const row of rows) {
         this.known.set(row.instance_id, { row, fetchedAt: now, listed: true, stopped: false });
       }
+      this.forgetOverruled();
       // Keep one that left the list in sight a while: a minute when stopped, 10 when dead.
       for (const [id, entry] of this.known) {
         if (!entry.listed && this.age(entry) > (entry.stopped ? 60 : 600)) this.known.delete(id);
@@ -564,7 +681,7 @@
       // Judged on the age /status reported: between two reads the shown age grows by itself.
       if (entry.row.heartbeat_age_seconds > deadAfterSeconds) return "dead";
       if (!entry.row.worker_running) return "no worker";
-      return entry.row.current_tasks.length ? "working" : "idle";
+      return this.currentTasks(entry.row).length ? "working" : "idle";
     }
 
     render() {
@@ -577,8 +694,9 @@
       const rows = entries.map((entry) => {
         const { row } = entry;
         const state = this.state(entry);
-        const current = row.current_tasks.length
-          ? row.current_tasks.flatMap((id, i) => (i ? [", ", taskLink(id)] : [taskLink(id)]))
+        const running = entry.listed ? this.currentTasks(row) : [];
+        const current = running.length
+          ? running.flatMap((id, i) => (i ? [", ", taskLink(id)] : [taskLink(id)]))
           : [el("span", { className: "subtle" }, "–")];
         const ageCell = el("td", { className: "num" });
         this.ageCells.push({ cell: ageCell, entry });
@@ -793,7 +911,11 @@
 
   // ---------------------------------------------------------------- overview: tasks table
 
-  /** Newest first: the API lists by id, so each page is a slice counted from the end. */
+  /**
+   * Newest first: the API lists by id, so each page is a slice counted from the end.
+   * The filter and the page live in the address (`?status=failed&page=2`, page 1 and "all"
+   * left out), so a reload, a bookmark, back and forward all show the same slice again.
+   */
   class TasksTable {
     constructor() {
       this.body = document.querySelector("#tasks-table tbody");
@@ -803,17 +925,50 @@
       this.older = document.getElementById("tasks-older");
       this.page = 0;
       this.totals = new Map(); // status filter -> last X-Total-Count
+      this.readAddress();
       this.filter.addEventListener("change", () => {
         this.page = 0;
+        this.writeAddress();
         this.load().catch(reportError);
       });
       document.getElementById("tasks-filter").addEventListener("submit", (e) => e.preventDefault());
       this.newer.addEventListener("click", () => this.go(-1));
       this.older.addEventListener("click", () => this.go(1));
+      window.addEventListener("popstate", () => {
+        this.readAddress();
+        this.load().catch(reportError);
+      });
+    }
+
+    /** Take the filter and the page from the address; what it can't be is read as the default. */
+    readAddress() {
+      const params = new URLSearchParams(location.search);
+      const status = params.get("status");
+      this.filter.value = STATUSES.includes(status) ? status : "";
+      const page = Number(params.get("page"));
+      this.page = Number.isInteger(page) && page >= 1 ? page - 1 : 0;
+    }
+
+    /** Put the filter and the page in the address: a new history entry, or (`replace`) not. */
+    writeAddress(replace = false) {
+      const params = new URLSearchParams(location.search);
+      for (const [name, value] of [
+        ["status", this.filter.value],
+        ["page", this.page ? String(this.page + 1) : ""],
+      ]) {
+        if (value) params.set(name, value);
+        else params.delete(name);
+      }
+      const query = params.toString();
+      const url = location.pathname + (query ? `?${query}` : "") + location.hash;
+      if (url === location.pathname + location.search + location.hash) return;
+      if (replace) history.replaceState(null, "", url);
+      else history.pushState(null, "", url);
     }
 
     go(step) {
       this.page = Math.max(0, this.page + step);
+      this.writeAddress();
       this.load().catch(reportError);
     }
 
@@ -825,7 +980,10 @@
       // Two tries: the total can move between the count we had and the page we read.
       for (let attempt = 0; attempt < 2; attempt += 1) {
         const pages = Math.max(1, Math.ceil(total / TASKS_PAGE_SIZE));
-        this.page = Math.min(this.page, pages - 1);
+        if (this.page > pages - 1) {
+          this.page = pages - 1; // a page past the end (an old address): show the last one
+          this.writeAddress(true);
+        }
         const end = total - this.page * TASKS_PAGE_SIZE;
         const offset = Math.max(0, end - TASKS_PAGE_SIZE);
         const limit = Math.max(1, end - offset);
@@ -858,7 +1016,7 @@
             { className: "title-cell" },
             taskLink(task.id, task.title),
             task.scheduled_for && Date.parse(task.scheduled_for) > serverNow()
-              ? el("span", { className: "tag", title: task.scheduled_for }, "scheduled")
+              ? el("span", { className: "tag", title: `not before ${formatTime(task.scheduled_for)}` }, "scheduled")
               : null,
           ),
           el("td", {}, badge(task.status)),
@@ -891,9 +1049,13 @@
     const result = document.getElementById("create-result");
     const submit = form.querySelector("button[type=submit]");
     let idempotencyKey = null; // kept across resubmits of the same input, so a retry is no duplicate
+    // The input is read in the browser's zone, the one every time on the page is shown in.
+    document.getElementById("create-scheduled-zone").textContent = `optional, ${timeZoneName()}`;
 
     form.addEventListener("input", () => {
       idempotencyKey = null;
+      // "Created task #7." is about the last input: a new one makes it old news.
+      if (result.classList.contains("ok")) showResult(result, "", null);
     });
 
     form.addEventListener("submit", async (event) => {
@@ -1108,6 +1270,9 @@
     const progressBox = document.getElementById("task-progress");
     const outputs = new Map(); // conversation id -> LiveOutput
     let gone = false;
+    // The status the action result describes, and since when (performance.now()): once a read
+    // made after that shows the task in another state, the result is old news.
+    let resultFor = null;
     let progress = null; // the report shown
     let progressEventAt = -Infinity; // performance.now() when an event last set it
 
@@ -1160,6 +1325,10 @@
       status.className = `badge status-${task.status}`;
       status.textContent = task.status;
       body.dataset.taskStatus = task.status;
+      if (resultFor !== null && readAt > resultFor.since && task.status !== resultFor.status) {
+        showResult(actionResult, "", null);
+        resultFor = null;
+      }
 
       retry.disabled = !RETRYABLE.has(task.status);
       cancel.disabled = !CANCELLABLE.has(task.status);
@@ -1244,37 +1413,51 @@
         render(data, readAt);
       } catch (error) {
         if (error instanceof ApiError && error.status === 404) {
-          gone = true;
-          showGone(error);
+          showGone();
           return;
         }
         throw error;
       }
     }
 
-    function showGone(error) {
-      title.textContent = "";
-      status.className = "badge";
-      status.textContent = "not found";
-      retry.disabled = true;
-      cancel.disabled = true;
-      hint.textContent = "";
-      showNotice(error.message);
+    /** The task is gone (deleted while shown): the page becomes its 404 page, and stops. */
+    function showGone() {
+      if (gone) return; // a read and an action can both learn it
+      gone = true;
+      feed.stop();
+      const panel = document.getElementById("not-found-template").content.cloneNode(true);
+      panel.getElementById("not-found-reason").textContent = "It was deleted while this page showed it.";
+      for (const link of panel.querySelectorAll("a[data-page-link]")) {
+        link.href = pageHref(link.getAttribute("href"));
+      }
+      document.getElementById("task-details").remove();
+      document.getElementById("task-panel").replaceWith(panel);
+      document.title = `Task ${taskId} not found · taskapp`;
+      body.dataset.taskStatus = "not-found";
+      showNotice("");
+      showConnection("closed", "not watching: no such task");
     }
 
     async function act(action, button) {
       button.disabled = true;
-      actionResult.className = "form-result";
-      actionResult.textContent = `${button.textContent}…`;
+      resultFor = null;
+      showResult(actionResult, `${button.textContent}…`, null);
       try {
         const readAt = performance.now();
         const { data } = await api(`/tasks/${taskId}/${action}`, { method: "POST" });
-        actionResult.classList.add("ok");
-        actionResult.textContent = action === "retry" ? "Sent back to the queue." : "Cancelled.";
+        showResult(actionResult, action === "retry" ? "Sent back to the queue." : "Cancelled.", "ok");
+        // Reads started before the answer came may still show the state before the action.
+        resultFor = { status: data.status, since: performance.now() };
         render(data, readAt);
       } catch (error) {
-        actionResult.classList.add("error");
-        actionResult.textContent = error instanceof ApiError ? error.message : String(error);
+        if (error instanceof ApiError && error.status === 404) {
+          showGone();
+          return;
+        }
+        showResult(actionResult, error instanceof ApiError ? error.message : String(error), "error");
+        // Refused in the state shown.
+        const shown = body.dataset.taskStatus;
+        resultFor = shown ? { status: shown, since: performance.now() } : null;
         refresh();
       }
     }
@@ -1302,4 +1485,5 @@
   setUpKeyControls();
   if (body.dataset.page === "overview") overviewPage();
   else if (body.dataset.page === "task") taskPage();
+  else if (body.dataset.page === "task-missing") showConnection("closed", "not watching: no such task");
 })();
