@@ -4,7 +4,8 @@ Every response says not to sniff its type, not to be framed (the dashboard has b
 change tasks: clickjacking), and not to send a referrer. The dashboard's pages also get a CSP
 that allows only their own scripts, styles and connections; the one page with inline code (the
 API-key form, inline because without a key its assets could not be fetched) marks it with a
-nonce made for that response.
+nonce made for that response. Swagger UI's page (/apidocs/) gets the same policy, its
+start-up script marked with a nonce.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ _DASHBOARD_POLICY = (
 )
 
 
+_POLICED_BLUEPRINTS = frozenset({"dashboard", "flasgger"})
+
+
 def csp_nonce() -> str:
     """This response's nonce for inline <script> and <style> (made on first use)."""
     if "csp_nonce" not in g:
@@ -36,7 +40,8 @@ def csp_nonce() -> str:
 def _add_headers(response: Response) -> Response:
     for name, value in ALWAYS.items():
         response.headers.setdefault(name, value)
-    if request.blueprint == "dashboard" and response.mimetype == "text/html":
+    # The API docs' pages (flasgger's blueprint: Swagger UI) are held to the same policy.
+    if request.blueprint in _POLICED_BLUEPRINTS and response.mimetype == "text/html":
         nonce = f" 'nonce-{g.csp_nonce}'" if "csp_nonce" in g else ""
         response.headers["Content-Security-Policy"] = _DASHBOARD_POLICY.format(nonce=nonce)
     return response

@@ -3,32 +3,60 @@ table below, served by flasgger at /apispec_1.json with Swagger UI at /apidocs/.
 
 The table is the single description of every endpoint (including the system ones in
 taskapp.api.system); flasgger is told not to parse any view, so nothing is documented twice.
+
+Swagger UI is the current 5.x that the flask-swagger-ui package ships (pinned in
+requirements.txt; only its files are used, not its blueprint): flasgger serves those files
+instead of its own 3.28 ones and renders the page below instead of its template, which
+loaded Google Fonts and jQuery. The page loads nothing from another host, and its
+configuration is fixed here: query parameters (`?url=`, `?configUrl=`) are ignored, so a link
+can't make the page show another spec (with its "Try it out" aimed elsewhere).
 """
 
 from __future__ import annotations
 
+import importlib.util
+from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flasgger import Swagger
 from flask import Flask
+from jinja2 import DictLoader
 
 from . import schemas
-from .errors import PROBLEM_MIMETYPE
+from .errors import PROBLEM_MIMETYPE, PROBLEM_TYPES, ProblemType
 from .events import EVENT_TYPES, LINGER_SECONDS, REPLAY_EVENTS, RESET_TYPE
 
 SPEC_ROUTE = "/apispec_1.json"
 DOCS_ROUTE = "/apidocs/"
 
-DESCRIPTION = """\
+DESCRIPTION = (
+    """\
 Tasks with conversations, kept in PostgreSQL and processed in the background by every
 running instance. Every error is `application/problem+json` (RFC 9457).
 
 When the service runs with `API_KEYS`, send one of them as `Authorization: Bearer KEY` or
 `X-API-Key: KEY` (the **Authorize** button); `/health`, `/livez`, `/readyz` and these docs need
 no key.
+
+**Examples.** Every request example succeeds as shown on a fresh database when run in the
+order of a walkthrough: create a task (it is task 1, with conversations 1 and 2), read, list
+and update it, add and change a conversation, cancel it (while it is still pending) and retry
+it, configure the queues, and delete it last.
+
+**Tasks and ETags.** Every response carrying a task has its `ETag`, which changes whenever
+anything its `GET` shows changes. Send it back as `If-Match` on `PUT` or `DELETE` to write only
+if nobody changed the task meanwhile (else 412); `If-Match` is optional.
+
+**Problem types.** An error's `type` says its kind; each is a page on this service:
 """
+    + "\n".join(
+        f"- `{kind.uri}` ({kind.status}): {kind.summary}." for kind in PROBLEM_TYPES.values()
+    )
+    + "\n"
+)
 
 # Nested schemas first: registering a schema registers what it nests under the same names.
 COMPONENT_SCHEMAS = {
@@ -64,21 +92,73 @@ ERROR_RESPONSES: dict[str, tuple[str, str]] = {
     "400": ("Problem", "The body is not JSON, or not a JSON object."),
     "401": ("Problem", "API keys are configured and none (or a wrong one) was sent."),
     "404": ("Problem", "No such resource (ids are integers from 1 to 2^63-1)."),
-    "409": ("Problem", "The task's current state forbids this change."),
+    "409": (
+        "Problem",
+        "The task's current state forbids this change (`/problems/invalid-state`), or it has "
+        "the most conversations a task may have (`/problems/conversation-limit`).",
+    ),
+    "405": ("Problem", "The path does not take this method; `Allow` lists those it takes."),
+    "412": (
+        "Problem",
+        "`If-Match` named none of the task's current entity tags: it changed since it was read.",
+    ),
     "413": ("Problem", "The body is over the size limit (1 MiB by default)."),
     "415": ("Problem", "A body sent as something other than JSON (`Content-Type`)."),
-    "422": ("ValidationProblem", "Invalid input; `errors` names each bad field."),
+    "422": (
+        "ValidationProblem",
+        "Invalid input; `errors` names each bad field (`/problems/validation`), or an "
+        "Idempotency-Key reused with another body (`/problems/idempotency-key-reused`).",
+    ),
     "500": ("Problem", "An unexpected error (logged; no details are returned)."),
     "503": ("Problem", "The database cannot be reached (or, for streams, too many are open)."),
 }
 _ERROR_HEADERS = {
     "401": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    "405": {"Allow": {"description": "The methods the path takes.", "schema": {"type": "string"}}},
     "503": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
 }
 
 _ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": schemas.BIGINT_MAX}
-TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": _ID_SCHEMA}
-CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _ID_SCHEMA}
+# The examples' ids are those a fresh database gives the walkthrough's first task and its
+# first conversation (tests/test_spec_examples.py runs every example in that order).
+TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": _ID_SCHEMA, "example": 1}
+CONVERSATION_ID = {
+    "name": "conversation_id",
+    "in": "path",
+    "required": True,
+    "schema": _ID_SCHEMA,
+    "example": 1,
+}
+_ETAG_HEADERS = {
+    "ETag": {
+        "description": "The task's entity tag (strong): send it as `If-Match` to write only "
+        "if the task is still as this response shows it.",
+        "schema": {"type": "string"},
+    },
+}
+_TASK_HEADERS = {
+    **_ETAG_HEADERS,
+    "Content-Location": {
+        "description": "The task's URL: the body is its representation, which `ETag` validates.",
+        "schema": {"type": "string"},
+    },
+}
+IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "Write only if the task's entity tag is one of these (`*`: any version). "
+    "Without it the write is unconditional; a tag that no longer matches is a 412.",
+    "schema": {"type": "string"},
+}
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "A 304 without a body if the task's entity tag is one of these (compared "
+    "weakly).",
+    "schema": {"type": "string"},
+}
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -86,7 +166,8 @@ IDEMPOTENCY_KEY = {
     "description": (
         "Makes the create safe to repeat: a repeat with the same key and body returns the first "
         "response (same status and body) instead of creating another task; the same key with "
-        "another body is a 422. One key: a comma in it reads as the header sent twice, a 400."
+        "another body is a 422. One key: a comma in it reads as the header sent twice, a 400. "
+        "E.g. `order-1234`."
     ),
     "schema": {
         "type": "string",
@@ -144,6 +225,7 @@ QUEUE_NAME = {
     "required": True,
     "description": "A queue's name (a queue nobody configured exists, without limits).",
     "schema": {"type": "string", "pattern": schemas.QUEUE_NAME_PATTERN},
+    "example": "default",
 }
 CONCURRENCY_KEY = {
     "name": "key",
@@ -151,6 +233,15 @@ CONCURRENCY_KEY = {
     "required": True,
     "description": "A concurrency key (its `/` may be sent as is).",
     "schema": {"type": "string", "pattern": schemas.CONCURRENCY_KEY_PATTERN},
+    "example": "tenant-42",
+}
+PROBLEM_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "A problem type's name: the last part of its `type`.",
+    "schema": {"type": "string", "enum": list(PROBLEM_TYPES)},
+    "example": "validation",
 }
 PUBLIC: list[dict[str, list[str]]] = []  # `security: []`: no API key needed
 API_KEY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
@@ -161,8 +252,16 @@ def _json(schema: Any) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def _body(schema: str, description: str) -> dict[str, Any]:
-    return {"required": True, "description": description, "content": _json(schema)}
+def _body(schema: Any, description: str, examples: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON body with its named examples; Swagger UI pre-fills the first."""
+    named = {
+        name: {"summary": summary, "value": value} for name, (summary, value) in examples.items()
+    }
+    return {
+        "required": True,
+        "description": description,
+        "content": {"application/json": {"schema": schema, "examples": named}},
+    }
 
 
 def _responses(success: dict[str, Any], *errors: str) -> dict[str, Any]:
@@ -172,6 +271,8 @@ def _responses(success: dict[str, Any], *errors: str) -> dict[str, Any]:
 
 
 def _ok(schema: Any, description: str, **extra: Any) -> dict[str, Any]:
+    if "headers" in extra:  # shared header tables: each response gets its own (X-Request-ID)
+        extra["headers"] = dict(extra["headers"])
     return {"description": description, "content": _json(schema), **extra}
 
 
@@ -185,6 +286,10 @@ _TASK_LINKS = {
     },
 }
 _CONVERSATION_LINKS = {
+    "GetConversation": {
+        "operationId": "get_conversation",
+        "parameters": {"conversation_id": "$response.body#/id"},
+    },
     "UpdateConversation": {
         "operationId": "update_conversation",
         "parameters": {"conversation_id": "$response.body#/id"},
@@ -193,6 +298,105 @@ _CONVERSATION_LINKS = {
 
 BODY_ERRORS = ("400", "413", "415", "422")
 
+# The request bodies' examples: (summary, value) by name, the first pre-filled by Swagger UI.
+# Each succeeds in the walkthrough (see DESCRIPTION); tests/test_spec_examples.py runs them.
+TASK_CREATE_EXAMPLES = {
+    "with_conversations": (
+        "A task with two conversations",
+        {
+            "title": "Process customer feedback",
+            "description": "Analyze and respond to customer feedback",
+            "conversations": [
+                {"content": "Customer says the app is slow"},
+                {"content": "Customer wants new features"},
+            ],
+        },
+    ),
+    "urgent": (
+        "Runs before the others, with more attempts",
+        {"title": "Urgent", "priority": 10, "max_attempts": 5},
+    ),
+    "scheduled": (
+        "Not run before a time",
+        {"title": "Tonight", "scheduled_for": "2030-01-01T22:00:00+00:00"},
+    ),
+    "queued": (
+        "In a queue, sharing limits with its tenant's other tasks",
+        {
+            "title": "Summarise call 17",
+            "queue": "default",
+            "concurrency_key": "tenant-42",
+            "timeout_seconds": 300,
+        },
+    ),
+}
+TASK_UPDATE_EXAMPLES = {
+    "rename": (
+        "New title and description",
+        {"title": "Updated Title", "description": "Updated Description"},
+    ),
+    "reprioritise": ("Run it sooner, now", {"priority": 5, "scheduled_for": None}),
+}
+CONVERSATION_CREATE_EXAMPLES = {"content": ("A new conversation", {"content": "New conversation"})}
+CONVERSATION_UPDATE_EXAMPLES = {
+    "content": (
+        "New content (the conversation is active again)",
+        {"content": "Updated conversation"},
+    ),
+    "processed": ("Mark it processed", {"status": "processed"}),
+}
+QUEUE_UPDATE_EXAMPLES = {
+    "limits": (
+        "10 starts a second (5 at once), 2 running per key",
+        {
+            "rate_limit": {"limit": 10, "period_seconds": 1, "burst": 5},
+            "key_concurrency_limit": 2,
+        },
+    ),
+    "unlimited": (
+        "Remove the limits",
+        {"rate_limit": None, "key_concurrency_limit": None, "key_rate_limit": None},
+    ),
+}
+KEY_UPDATE_EXAMPLES = {
+    "limits": (
+        "One at a time, 60 starts a minute",
+        {"concurrency_limit": 1, "rate_limit": {"limit": 60, "period_seconds": 60}},
+    ),
+}
+# Not `0` (Swagger UI's own sample): executed as shown, that would delete every finished task.
+PRUNE_EXAMPLES = {
+    "month": (
+        "Completed tasks unchanged for 30 days",
+        {"older_than_seconds": 30 * 24 * 3600, "statuses": ["completed"]},
+    ),
+}
+# What the schemas show for a field, and what Swagger UI puts in a sample it builds from a
+# schema: values the service accepts (its own samples broke rules such as `minimum`).
+PROPERTY_EXAMPLES: dict[str, dict[str, Any]] = {
+    "TaskCreate": {
+        "title": "Process customer feedback",
+        "description": "Analyze and respond to customer feedback",
+        "priority": 0,
+        "scheduled_for": "2030-01-01T22:00:00+00:00",
+        "max_attempts": 3,
+        "queue": "default",
+        "concurrency_key": "tenant-42",
+        "timeout_seconds": 300,
+    },
+    "ConversationCreate": {"content": "Customer says the app is slow"},
+    "ConversationUpdate": {"content": "Updated conversation", "status": "processed"},
+    "RateLimit": {"limit": 10, "period_seconds": 1, "burst": 5},
+    "QueueUpdate": {"key_concurrency_limit": 2},
+    "KeyUpdate": {"concurrency_limit": 1},
+    "TaskPrune": {"older_than_seconds": 30 * 24 * 3600},
+}
+PROPERTY_EXAMPLES["TaskUpdate"] = {
+    **PROPERTY_EXAMPLES["TaskCreate"],
+    "title": "Updated Title",
+    "description": "Updated Description",
+}
+
 PATHS: dict[str, dict[str, Any]] = {
     "/tasks/": {
         "post": {
@@ -200,7 +404,9 @@ PATHS: dict[str, dict[str, Any]] = {
             "tags": ["tasks"],
             "summary": "Create a task, with optional conversations",
             "parameters": [IDEMPOTENCY_KEY],
-            "requestBody": _body("TaskCreate", "The new task; only `title` is required."),
+            "requestBody": _body(
+                "TaskCreate", "The new task; only `title` is required.", TASK_CREATE_EXAMPLES
+            ),
             "responses": _responses(
                 {
                     "201": _ok(
@@ -210,7 +416,8 @@ PATHS: dict[str, dict[str, Any]] = {
                             "Location": {
                                 "description": "The task's URL.",
                                 "schema": {"type": "string"},
-                            }
+                            },
+                            **_TASK_HEADERS,
                         },
                         links=_TASK_LINKS,
                     )
@@ -246,15 +453,32 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "get_task",
             "tags": ["tasks"],
             "summary": "A task with its conversations and error history",
-            "responses": _responses({"200": _ok("TaskOut", "The task.")}, "404"),
+            "parameters": [IF_NONE_MATCH],
+            "responses": _responses(
+                {
+                    "200": _ok("TaskOut", "The task.", headers=_ETAG_HEADERS),
+                    "304": {
+                        "description": "Not modified: `If-None-Match` named its current tag.",
+                        "headers": dict(_ETAG_HEADERS),
+                    },
+                },
+                "404",
+            ),
         },
         "put": {
             "operationId": "update_task",
             "tags": ["tasks"],
             "summary": "Change some of a task's fields (not its status)",
-            "requestBody": _body("TaskUpdate", "Only the fields sent change."),
+            "parameters": [IF_MATCH],
+            "requestBody": _body(
+                "TaskUpdate", "Only the fields sent change.", TASK_UPDATE_EXAMPLES
+            ),
             "responses": _responses(
-                {"200": _ok("TaskOut", "The updated task.")}, "404", *BODY_ERRORS
+                {"200": _ok("TaskOut", "The updated task.", headers=_TASK_HEADERS)},
+                "404",
+                "409",
+                "412",
+                *BODY_ERRORS,
             ),
         },
         "delete": {
@@ -262,20 +486,10 @@ PATHS: dict[str, dict[str, Any]] = {
             "tags": ["tasks"],
             "summary": "Delete a task and its conversations",
             "description": "A processor running the task is told to stop (its cancellation "
-            "flag is set) and nothing its attempt writes afterwards is recorded.",
-            "responses": _responses({"204": {"description": "Deleted."}}, "404", "415"),
-        },
-    },
-    "/tasks/{task_id}/retry": {
-        "parameters": [TASK_ID],
-        "post": {
-            "operationId": "retry_task",
-            "tags": ["tasks"],
-            "summary": "Send a failed, cancelled or completed task back to pending",
-            "description": "Attempts start again from 0; `last_error` and the error history stay.",
-            "responses": _responses(
-                {"200": _ok("TaskOut", "The task, now pending.")}, "404", "409", "415"
-            ),
+            "flag is set) and nothing its attempt writes afterwards is recorded. (The example "
+            "deletes the walkthrough's task: run it last.)",
+            "parameters": [IF_MATCH],
+            "responses": _responses({"204": {"description": "Deleted."}}, "404", "412", "415"),
         },
     },
     "/tasks/{task_id}/cancel": {
@@ -288,7 +502,25 @@ PATHS: dict[str, dict[str, Any]] = {
             "late result is dropped, and the processor, on whichever instance runs it, sees "
             "its cancellation flag set within a second. Checkpoints it made stay.",
             "responses": _responses(
-                {"200": _ok("TaskOut", "The task, now cancelled.")}, "404", "409", "415"
+                {"200": _ok("TaskOut", "The task, now cancelled.", headers=_TASK_HEADERS)},
+                "404",
+                "409",
+                "415",
+            ),
+        },
+    },
+    "/tasks/{task_id}/retry": {
+        "parameters": [TASK_ID],
+        "post": {
+            "operationId": "retry_task",
+            "tags": ["tasks"],
+            "summary": "Send a failed, cancelled or completed task back to pending",
+            "description": "Attempts start again from 0; `last_error` and the error history stay.",
+            "responses": _responses(
+                {"200": _ok("TaskOut", "The task, now pending.", headers=_TASK_HEADERS)},
+                "404",
+                "409",
+                "415",
             ),
         },
     },
@@ -300,11 +532,11 @@ PATHS: dict[str, dict[str, Any]] = {
             "description": "Deletes in batches of 1,000 (never waiting on a task being changed) "
             "for about two seconds at most, then answers: while `done` is false there is more "
             "to delete, so ask again. Like retention (`RETENTION_*_SECONDS`), it sends no events.",
-            "requestBody": {
-                "required": True,
-                "description": "Which tasks: of these statuses, unchanged for this long.",
-                "content": _json(schemas.TaskPrune),
-            },
+            "requestBody": _body(
+                schemas.TaskPrune,
+                "Which tasks: of these statuses, unchanged for this long.",
+                PRUNE_EXAMPLES,
+            ),
             "responses": _responses(
                 {
                     "200": _ok(
@@ -339,9 +571,23 @@ PATHS: dict[str, dict[str, Any]] = {
                 f"A task has at most {schemas.MAX_CONVERSATIONS_PER_TASK} conversations: "
                 "one more is a 409."
             ),
-            "requestBody": _body("ConversationCreate", "The new conversation."),
+            "requestBody": _body(
+                "ConversationCreate", "The new conversation.", CONVERSATION_CREATE_EXAMPLES
+            ),
             "responses": _responses(
-                {"201": _ok("ConversationOut", "The conversation.", links=_CONVERSATION_LINKS)},
+                {
+                    "201": _ok(
+                        "ConversationOut",
+                        "The conversation.",
+                        headers={
+                            "Location": {
+                                "description": "The conversation's URL.",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                        links=_CONVERSATION_LINKS,
+                    )
+                },
                 "404",
                 "409",
                 *BODY_ERRORS,
@@ -359,11 +605,19 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/conversations/{conversation_id}": {
         "parameters": [CONVERSATION_ID],
+        "get": {
+            "operationId": "get_conversation",
+            "tags": ["conversations"],
+            "summary": "A conversation",
+            "responses": _responses({"200": _ok("ConversationOut", "The conversation.")}, "404"),
+        },
         "put": {
             "operationId": "update_conversation",
             "tags": ["conversations"],
             "summary": "Change a conversation's content and/or status",
-            "requestBody": _body("ConversationUpdate", "Only the fields sent change."),
+            "requestBody": _body(
+                "ConversationUpdate", "Only the fields sent change.", CONVERSATION_UPDATE_EXAMPLES
+            ),
             "responses": _responses(
                 {"200": _ok("ConversationOut", "The updated conversation.")}, "404", *BODY_ERRORS
             ),
@@ -393,7 +647,11 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Set a queue's rate of starts and its keys' default limits",
             "description": "Limits hold across every instance: a claim never admits a task "
             "past them. A new or changed rate starts with a full burst.",
-            "requestBody": _body("QueueUpdate", "Only the fields sent change; null removes one."),
+            "requestBody": _body(
+                "QueueUpdate",
+                "Only the fields sent change; null removes one.",
+                QUEUE_UPDATE_EXAMPLES,
+            ),
             "responses": _responses({"200": _ok("QueueOut", "The queue.")}, "404", *BODY_ERRORS),
         },
     },
@@ -445,7 +703,9 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "configure_key",
             "tags": ["queues"],
             "summary": "Set a key's own limits over its queue's defaults",
-            "requestBody": _body("KeyUpdate", "Only the fields sent change; null: the queue's."),
+            "requestBody": _body(
+                "KeyUpdate", "Only the fields sent change; null: the queue's.", KEY_UPDATE_EXAMPLES
+            ),
             "responses": _responses({"200": _ok("KeyOut", "The key.")}, "404", *BODY_ERRORS),
         },
         "delete": {
@@ -454,6 +714,23 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Forget a key's own limits, throttle and rate state",
             "description": "Its queue's defaults hold again, starting with a full burst.",
             "responses": _responses({"204": {"description": "Forgotten."}}, "404", "415"),
+        },
+    },
+    "/problems/{name}": {
+        "parameters": [PROBLEM_NAME],
+        "get": {
+            "operationId": "problem_type",
+            "tags": ["system"],
+            "summary": "What a problem type (an error's `type`) means, as a page for people",
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "An HTML page: the type's status and meaning.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                "404",
+            ),
         },
     },
     "/health": {
@@ -642,14 +919,18 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         ),
         "properties": {
             "instance_id": {"type": "string"},
-            "worker": {"type": "object"},
+            # Free-form objects said so: generators otherwise warn and guess.
+            "worker": {"type": "object", "additionalProperties": True},
             "queue": {
                 "type": "object",
                 "properties": {
                     status: {"type": "integer", "minimum": 0} for status in schemas.TASK_STATUSES
                 },
             },
-            "instances": {"type": "array", "items": {"type": "object"}},
+            "instances": {
+                "type": "array",
+                "items": {"type": "object", "additionalProperties": True},
+            },
             "event_streams": _counts("open", "max"),
             "database_connections": _counts("in_use", "idle", "max", "waiting"),
         },
@@ -798,10 +1079,47 @@ def build_spec() -> dict[str, Any]:
         spec.path(path=path, operations=operations, parameters=item.get("parameters"))
     document = spec.to_dict()
     _with_request_id(document)
-    for schema in document["components"]["schemas"].values():
+    components = document["components"]
+    for schema in components["schemas"].values():
         for name, prop in schema.get("properties", {}).items():
             schema["properties"][name] = _nullable_reference(prop)
+    for schema_name, examples in PROPERTY_EXAMPLES.items():
+        properties = components["schemas"][schema_name]["properties"]
+        for name, example in examples.items():
+            properties[name]["example"] = example
+    for problem_schema in ("Problem", "ValidationProblem"):
+        components["schemas"][problem_schema]["properties"]["type"] = PROBLEM_TYPE_PROPERTY
+    for code, response in components["responses"].items():
+        kinds = [kind for kind in PROBLEM_TYPES.values() if str(kind.status) == code]
+        if kinds and PROBLEM_MIMETYPE in response["content"]:
+            response["content"][PROBLEM_MIMETYPE]["examples"] = {
+                kind.name.replace("-", "_"): {"summary": kind.summary, "value": _problem(kind)}
+                for kind in kinds
+            }
     return document
+
+
+PROBLEM_TYPE_PROPERTY = {
+    "type": "string",
+    "description": "The kind of problem: a URI reference, `/problems/<name>` on this service, "
+    "whose page says what it means (see the API's description for the list). "
+    "`about:blank` for none of them.",
+    "example": "/problems/validation",
+}
+
+
+def _problem(kind: ProblemType) -> dict[str, Any]:
+    """An example problem of a kind, as the service sends it."""
+    body: dict[str, Any] = {
+        "type": kind.uri,
+        "title": HTTPStatus(kind.status).phrase,
+        "status": kind.status,
+        "detail": kind.summary + ".",
+    }
+    if kind.status == 422:
+        field = "Idempotency-Key" if kind.name == "idempotency-key-reused" else "title"
+        body["errors"] = {field: ["An explanation of what is wrong with it."]}
+    return body
 
 
 def _nullable_reference(prop: dict[str, Any]) -> dict[str, Any]:
@@ -814,6 +1132,60 @@ def _nullable_reference(prop: dict[str, Any]) -> dict[str, Any]:
     (reference,) = (choice for choice in any_of if choice != null)
     rest = {k: v for k, v in prop.items() if k != "anyOf"}
     return {**rest, "allOf": [reference], "nullable": True}
+
+
+def _swagger_ui_dist() -> Path:
+    """The folder of Swagger UI's files in the flask-swagger-ui package (found, not imported:
+    its blueprint is not used)."""
+    spec = importlib.util.find_spec("flask_swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("flask-swagger-ui is not installed: pip install -r requirements.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "dist"
+
+
+SWAGGER_UI_DIST = _swagger_ui_dist()
+SWAGGER_UI_CONFIG = {
+    "url": SPEC_ROUTE,
+    "dom_id": "#swagger-ui",
+    # Swagger UI 4.1.3 made this the default; said here so that no upgrade can undo it.
+    "queryConfigEnabled": False,
+    # Its default sends the spec's URL to validator.swagger.io and shows the badge it returns.
+    "validatorUrl": None,
+    "deepLinking": True,
+    "persistAuthorization": True,
+    "displayRequestDuration": True,
+    "showExtensions": False,
+}
+# The page: the bundle (its default preset and layout), and its start-up as the one inline
+# script, marked with the response's CSP nonce (taskapp.headers gives the page the
+# dashboard's policy: scripts, styles, images and connections from this origin only).
+_DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>{{ title }}</title>
+  <link rel="stylesheet" href="{{ url_for('flasgger.static', filename='index.css') }}">
+  <link rel="stylesheet" href="{{ swagger_ui_css }}">
+  <link rel="icon" type="image/png" href="{{ favicon }}">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{{ swagger_ui_bundle_js }}"></script>
+  <script nonce="{{ csp_nonce() }}">
+    window.ui = SwaggerUIBundle({{ flasgger_config.swagger_ui_config | tojson }});
+  </script>
+</body>
+</html>
+"""
+# Swagger UI's OAuth2 redirect page (flasgger serves it at /oauth2-redirect.html); the API
+# has no OAuth2 flow, but the route is flasgger's, so it serves the 5.x page, not the old one.
+_OAUTH2_REDIRECT_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<body>
+  <script src="{{ url_for('flasgger.static', filename='oauth2-redirect.js') }}"></script>
+</body>
+</html>
+"""
 
 
 def init_app(app: Flask) -> None:
@@ -830,12 +1202,18 @@ def init_app(app: Flask) -> None:
             }
         ],
         "static_url_path": "/flasgger_static",
+        "static_folder": str(SWAGGER_UI_DIST),
         "swagger_ui": True,
         "specs_route": DOCS_ROUTE,
         "openapi": "3.0.3",
         "title": "taskapp API",
         "uiversion": 3,
-        "ui_params": {"persistAuthorization": True, "displayRequestDuration": True},
-        "auth": {},  # flasgger's page renders this into JavaScript; its default breaks the page
+        "swagger_ui_config": SWAGGER_UI_CONFIG,
     }
     Swagger(app, template=build_spec(), config=config, merge=False)
+    # flasgger renders flasgger/index.html with the asset URLs of its config (by default its
+    # static files, now Swagger UI 5's): the templates are ours, flasgger's own never load.
+    # (Flask caches a blueprint's loader in this attribute; set, it replaces the folder's.)
+    app.blueprints["flasgger"].jinja_loader = DictLoader(
+        {"flasgger/index.html": _DOCS_PAGE, "flasgger/oauth2-redirect.html": _OAUTH2_REDIRECT_PAGE}
+    )

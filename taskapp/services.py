@@ -20,7 +20,7 @@ import psycopg
 from . import metrics, queue, states
 from .config import DEFAULT_QUEUE
 from .database import Database
-from .errors import Conflict, NotFound
+from .errors import Conflict, ConversationLimit, NotFound, PreconditionFailed
 from .schemas import MAX_CONVERSATIONS_PER_TASK
 
 # The fields a PUT /tasks/{id} may change, each a column of the same name; the input schema
@@ -57,6 +57,29 @@ class TaskPage:
 
 class IdempotencyKeyReused(Exception):
     """The Idempotency-Key was already used with a different request body."""
+
+
+# A conditional write's precondition (If-Match): given the task as GET shows it now, whether
+# the write may go ahead. The HTTP side (entity tags) stays in the routes.
+Precondition = Callable[[Rendered], bool]
+
+
+def _check_precondition(
+    database: Database, conn: psycopg.Connection[Any], task_id: int, precondition: Precondition
+) -> Rendered:
+    """Lock the task for the rest of the transaction and test the precondition on it as it
+    is: no other write to its row (an editor's, a worker's) can come between the test and the
+    write. NotFound first:
+    a missing task is a 404 whatever the precondition (RFC 9110, section 13.2.2)."""
+    current = _rendered(
+        database.fetchone("lock_task", {"task_id": task_id}, conn=conn), _task_not_found, task_id
+    )
+    if not precondition(current):
+        raise PreconditionFailed(
+            f"Task {task_id} has changed since the version named in If-Match; read it again "
+            "and send its current ETag."
+        )
+    return current
 
 
 def _task_not_found(task_id: int) -> NotFound:
@@ -164,15 +187,26 @@ def update_params(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, 
 
 
 def update_task(
-    *, database: Database, task_id: int, data: Mapping[str, Any], instance_id: str | None
+    *,
+    database: Database,
+    task_id: int,
+    data: Mapping[str, Any],
+    instance_id: str | None,
+    precondition: Precondition | None = None,
 ) -> Rendered:
     """Change only the fields given; a new scheduled_for also moves a pending task's run time
     (and wakes the workers if that makes it due). One statement: the change, its event and the
-    task as it now is. No fields: the task as it is, no event."""
-    if not data:
+    task as it now is. No fields: the task as it is, no event. With a precondition, the task is
+    locked and tested first, in the same transaction (PreconditionFailed when it fails)."""
+    if not data and precondition is None:
         return get_task(database=database, task_id=task_id)
     params = {**update_params(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
-    with database.connection() as conn:
+    connect = database.connection if precondition is None else database.transaction
+    with connect() as conn:
+        if precondition is not None:
+            current = _check_precondition(database, conn, task_id, precondition)
+            if not data:
+                return current
         row = database.fetchone("update_task", params, conn=conn)
         moving = "queue" in data or "concurrency_key" in data
         if (
@@ -187,10 +221,22 @@ def update_task(
     return _rendered(row, _task_not_found, task_id)
 
 
-def delete_task(*, database: Database, task_id: int, instance_id: str | None) -> None:
+def delete_task(
+    *,
+    database: Database,
+    task_id: int,
+    instance_id: str | None,
+    precondition: Precondition | None = None,
+) -> None:
     """Delete a task and its conversations; a processor running it is told to stop, and its
-    writes are fenced off."""
-    row = database.fetchone("delete_task", {"task_id": task_id, "instance_id": instance_id})
+    writes are fenced off. With a precondition, only if it holds (as in update_task)."""
+    params = {"task_id": task_id, "instance_id": instance_id}
+    if precondition is None:
+        row = database.fetchone("delete_task", params)
+    else:
+        with database.transaction() as conn:
+            _check_precondition(database, conn, task_id, precondition)
+            row = database.fetchone("delete_task", params, conn=conn)
     if row is None:
         raise _task_not_found(task_id)
 
@@ -290,7 +336,7 @@ def create_conversation(
     }
     row = database.fetchone("create_conversation", params)
     if row is not None and row.id is None:
-        raise Conflict(
+        raise ConversationLimit(
             f"Task {task_id} has {MAX_CONVERSATIONS_PER_TASK} conversations, the most a task "
             "may have."
         )
@@ -305,13 +351,18 @@ def list_conversations(*, database: Database, task_id: int) -> str:
     return str(row.json)
 
 
+def get_conversation(*, database: Database, conversation_id: int) -> Rendered:
+    """One conversation; NotFound if it does not exist."""
+    row = database.fetchone("get_conversation", {"conversation_id": conversation_id})
+    return _rendered(row, _conversation_not_found, conversation_id)
+
+
 def update_conversation(
     *, database: Database, conversation_id: int, data: Mapping[str, Any], instance_id: str | None
 ) -> Rendered:
     """Change a conversation's content and/or status."""
     if not data:
-        row = database.fetchone("get_conversation", {"conversation_id": conversation_id})
-        return _rendered(row, _conversation_not_found, conversation_id)
+        return get_conversation(database=database, conversation_id=conversation_id)
     params = {
         **update_params(data, CONVERSATION_FIELDS),
         "conversation_id": conversation_id,

@@ -8,6 +8,8 @@ from typing import Any
 
 import psycopg
 
+from taskapp.errors import PROBLEM_TYPES
+
 PROBLEM = "application/problem+json"
 TASK_FIELDS = [
     "id",
@@ -61,7 +63,8 @@ def assert_problem(response: Any, status: int, field: str | None = None) -> dict
     assert response.mimetype == PROBLEM, response.mimetype
     body = response.get_json(force=True)
     assert body["status"] == status
-    assert body["type"] == "about:blank"
+    # Its kind (taskapp.errors.PROBLEM_TYPES): one of those of its status.
+    assert body["type"] in {k.uri for k in PROBLEM_TYPES.values() if k.status == status}, body
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
     assert "Traceback" not in response.get_data(as_text=True)

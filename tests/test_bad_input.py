@@ -207,7 +207,7 @@ CASES: list[Bad] = [
             ("GET", f"/tasks/{TASK}/retry"),
             ("PUT", f"/tasks/{TASK}/cancel"),
             ("DELETE", f"/tasks/{TASK}/conversations/"),
-            ("GET", f"/conversations/{CONVERSATION}"),
+            ("POST", f"/conversations/{CONVERSATION}"),
             ("DELETE", f"/conversations/{CONVERSATION}"),
         ]
     ],

@@ -1,8 +1,8 @@
-"""Conversations: added to and listed under their task, updated on their own."""
+"""Conversations: added to and listed under their task, read and updated on their own."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, url_for
 from flask.typing import ResponseReturnValue
 
 from .. import services
@@ -22,12 +22,22 @@ def create_conversation(task_id: int) -> ResponseReturnValue:
     conversation = services.create_conversation(
         database=get_database(), instance_id=settings().instance_id, task_id=task_id, data=data
     )
-    return json_text(conversation.json, 201)
+    response = json_text(conversation.json, 201)
+    response.headers["Location"] = url_for(".get_conversation", conversation_id=conversation.id)
+    return response
 
 
 @bp.get("/tasks/<id:task_id>/conversations/")
 def list_conversations(task_id: int) -> ResponseReturnValue:
     return json_text(services.list_conversations(database=get_database(), task_id=task_id))
+
+
+@bp.get("/conversations/<id:conversation_id>")
+def get_conversation(conversation_id: int) -> ResponseReturnValue:
+    conversation = services.get_conversation(
+        database=get_database(), conversation_id=conversation_id
+    )
+    return json_text(conversation.json)
 
 
 @bp.put("/conversations/<id:conversation_id>")

@@ -1,4 +1,11 @@
-"""Tasks: create (idempotently with a key), list, read, update, delete, retry, cancel, prune."""
+"""Tasks: create (idempotently with a key), list, read, update, delete, retry, cancel, prune.
+
+Every response that carries a task carries its `ETag`: a strong validator, the hash of the
+very JSON sent, so it changes with anything the task's GET shows (its conversations, errors
+and progress included) and only then. PUT and DELETE take `If-Match` (optional: without it
+they write unconditionally) and answer 412 when it names none of the current tags; GET takes
+`If-None-Match` (compared weakly, RFC 9110 section 13.1.2) and answers 304.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,13 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, request, url_for
+from flask import Blueprint, Response, current_app, request, url_for
 from flask.typing import ResponseReturnValue
+from werkzeug.http import quote_etag
 
 from .. import services
 from ..database import get_database
-from ..errors import Unprocessable
+from ..errors import IdempotencyKeyReused, Unprocessable
 from ..schemas import (
     IDEMPOTENCY_KEY_MAX_LENGTH,
     IDEMPOTENCY_KEY_PATTERN,
@@ -52,6 +60,31 @@ def _idempotency_key() -> str | None:
     return key
 
 
+def entity_tag(task: services.Rendered) -> str:
+    """The task's entity tag, unquoted: a hash of its JSON as the API sends it."""
+    return hashlib.blake2b(task.json.encode(), digest_size=16).hexdigest()
+
+
+def _task_response(task: services.Rendered, status: int = 200) -> Response:
+    """A task's JSON with its ETag. Content-Location says the body is the task's own
+    representation, which is what the tag validates, also when the request's URL is another
+    (a create, a retry, a cancel; RFC 9110, section 8.7)."""
+    response = json_text(task.json, status)
+    response.headers["ETag"] = quote_etag(entity_tag(task))
+    if request.method != "GET":
+        response.headers["Content-Location"] = url_for(".get_task", task_id=task.id)
+    return response
+
+
+def _if_match() -> services.Precondition | None:
+    """The request's If-Match as a test of the task's current state; None when not sent.
+    If-Match compares strongly (RFC 9110, section 13.1.1): a weak tag never matches."""
+    if "If-Match" not in request.headers:
+        return None
+    wanted = request.if_match
+    return lambda current: wanted.star_tag or wanted.contains(entity_tag(current))
+
+
 def _fingerprint(body: dict[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -71,11 +104,11 @@ def create_task() -> ResponseReturnValue:
                 **creation, key=key, fingerprint=_fingerprint(body)
             )
         except services.IdempotencyKeyReused:
-            raise Unprocessable(
+            raise IdempotencyKeyReused(
                 f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
                 errors={IDEMPOTENCY_HEADER: ["Already used with a different request body."]},
             ) from None
-    response = json_text(task.json, 201)
+    response = _task_response(task, 201)
     response.headers["Location"] = url_for(".get_task", task_id=task.id)
     return response
 
@@ -91,30 +124,37 @@ def list_tasks() -> ResponseReturnValue:
 
 @bp.get("/<id:task_id>")
 def get_task(task_id: int) -> ResponseReturnValue:
-    return json_text(services.get_task(database=get_database(), task_id=task_id).json)
+    task = services.get_task(database=get_database(), task_id=task_id)
+    tag = entity_tag(task)
+    if request.if_none_match.contains_weak(tag):
+        not_modified = current_app.response_class(status=304)
+        del not_modified.headers["Content-Type"]
+        not_modified.headers["ETag"] = quote_etag(tag)
+        return not_modified
+    return _task_response(task)
 
 
 @bp.put("/<id:task_id>")
 def update_task(task_id: int) -> ResponseReturnValue:
     data = _TASK_UPDATE.load(json_object())
-    task = services.update_task(**_writer(), task_id=task_id, data=data)
-    return json_text(task.json)
+    task = services.update_task(**_writer(), task_id=task_id, data=data, precondition=_if_match())
+    return _task_response(task)
 
 
 @bp.delete("/<id:task_id>")
 def delete_task(task_id: int) -> ResponseReturnValue:
-    services.delete_task(**_writer(), task_id=task_id)
+    services.delete_task(**_writer(), task_id=task_id, precondition=_if_match())
     return no_content()
 
 
 @bp.post("/<id:task_id>/retry")
 def retry_task(task_id: int) -> ResponseReturnValue:
-    return json_text(services.retry_task(**_writer(), task_id=task_id).json)
+    return _task_response(services.retry_task(**_writer(), task_id=task_id))
 
 
 @bp.post("/<id:task_id>/cancel")
 def cancel_task(task_id: int) -> ResponseReturnValue:
-    return json_text(services.cancel_task(**_writer(), task_id=task_id).json)
+    return _task_response(services.cancel_task(**_writer(), task_id=task_id))
 
 
 @bp.post("/prune")

@@ -8,6 +8,11 @@
 -- One task with its conversations and error history, as GET /tasks/{id} shows it.
 SELECT t.id, {{ task_json(t) }}::text AS json FROM tasks AS t WHERE t.id = :task_id;
 
+-- name: lock_task
+-- A task as GET /tasks/{id} shows it, its row locked until the transaction ends: what a
+-- conditional write (If-Match) compares with, the row unchanged by any other writer meanwhile.
+SELECT t.id, {{ task_json(t) }}::text AS json FROM tasks AS t WHERE t.id = :task_id FOR UPDATE;
+
 -- name: task_status
 -- A task's status (no row: no such task), for a 409's message.
 SELECT status FROM tasks WHERE id = :task_id;
