@@ -48,7 +48,8 @@ class Dispatcher:
     """Claims for free slots and writes completions in batches; start() and stop() once.
 
     `claimed(claims)` is called with each batch of new claims (the worker holds them and
-    hands them to work threads); `finished(completion, outcome)` once per written completion
+    hands them to work threads); `held()` every claim it holds; `finished(completion, outcome)`
+    once per written completion
     (outcome None: it could not be written, and its lease will run out); `refused(completion,
     error)` for a result PostgreSQL would not store."""
 
@@ -60,6 +61,7 @@ class Dispatcher:
         instance_id: str,
         slots: Mapping[str, int],
         claimed: Callable[[list[Claim]], None],
+        held: Callable[[], list[Claim]],
         finished: Callable[[Completion, queue.Outcome | None], None],
         refused: Callable[[Completion, Exception], None],
     ) -> None:
@@ -67,6 +69,7 @@ class Dispatcher:
         self.settings = settings
         self.instance_id = instance_id
         self._claimed = claimed
+        self._held = held
         self._finished = finished
         self._refused = refused
         self._cond = threading.Condition()
@@ -126,6 +129,9 @@ class Dispatcher:
     def _loop(self) -> None:
         failing_since: float | None = None
         backoff = Backoff()
+        # A claim failed with its answer unknown: it may have committed, leaving tasks leased
+        # to this instance that nothing here will run (for a whole lease). Taken back first.
+        claim_unsure = False
         while True:
             batch, limits, generation = self._next_round()
             if batch is None:
@@ -133,6 +139,9 @@ class Dispatcher:
             if not batch and not limits:
                 continue
             try:
+                if claim_unsure:
+                    self._take_back_unheld()
+                    claim_unsure = False
                 with tracing.claim_round(len(batch), limits) as traced:
                     done = queue.complete_and_claim_many(
                         self.database,
@@ -147,6 +156,7 @@ class Dispatcher:
                 self._one_by_one(batch)
                 continue
             except Exception as exc:
+                claim_unsure = claim_unsure or bool(limits)
                 failing_since = failing_since or time.monotonic()
                 self._after_failure(batch, exc, failing_since, first=not backoff.current)
                 time.sleep(backoff.next())
@@ -205,6 +215,15 @@ class Dispatcher:
                 if not self._cond.wait(timeout):
                     self._maybe_ready = True  # a poll: tasks may have come without a wake-up
 
+    def _take_back_unheld(self) -> None:
+        taken = queue.take_back_unheld(self.database, self._held(), instance_id=self.instance_id)
+        if taken:
+            log.warning(
+                "handed back %d task(s) claimed by a statement whose answer was lost: %s",
+                len(taken),
+                ", ".join(map(str, taken)),
+            )
+
     def _one_by_one(self, batch: list[Completion]) -> None:
         for completion in batch:
             try:
@@ -225,9 +244,10 @@ class Dispatcher:
     def _after_failure(
         self, batch: list[Completion], exc: Exception, failing_since: float, *, first: bool
     ) -> None:
-        """Keep the batch for the next round (and claim nothing more until the next poll or
-        wake-up: a claim whose answer was lost is taken back when its lease runs out), until it
-        has failed for longer than the leases would last anyway."""
+        """Keep the batch for the next round, until it has failed for longer than the leases
+        would last anyway. The next round claims again too (after the backoff): a wake-up sent
+        while the statement was failing must not be lost for a whole poll interval. (A claim
+        whose answer was lost is taken back when its lease runs out.)"""
         give_up = time.monotonic() - failing_since > retry_writes_for(self.settings.lease_seconds)
         if give_up:
             log.error(
@@ -245,4 +265,3 @@ class Dispatcher:
                 )
             with self._cond:
                 self._completions[:0] = batch
-                self._maybe_ready = False

@@ -288,6 +288,16 @@ def release(database: Database, claimed: Claim, *, instance_id: str) -> Outcome:
     return Outcome(applied=row is not None, status="pending" if row else None)
 
 
+def take_back_unheld(database: Database, held: list[Claim], *, instance_id: str) -> list[int]:
+    """Hand back the tasks this instance claimed without hearing of it (a claim's answer lost
+    after its commit), given every claim it does hold; return their ids."""
+    rows = database.fetch(
+        "take_back_unheld",
+        {"instance_id": instance_id, "lease_tokens": [c.lease_token for c in held]},
+    )
+    return [row.id for row in rows]
+
+
 def renew_leases(database: Database, held: list[Claim], *, lease_seconds: float) -> set[int]:
     """Extend the leases of the given claims; return the ids of tasks still held."""
     if not held:

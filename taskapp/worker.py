@@ -106,6 +106,7 @@ class Worker:
             instance_id=instance_id,
             slots=self.slots,
             claimed=self._on_claimed,
+            held=self.held_claims,
             finished=self._on_finished,
             refused=self._on_refused,
         )

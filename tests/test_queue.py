@@ -179,6 +179,24 @@ def test_release_hands_back_without_spending_the_attempt(database, db_conn):
     assert (row["status"], row["attempts"], row["processing_instance_id"]) == ("pending", 0, None)
 
 
+def test_claims_whose_answer_was_lost_are_taken_back_and_nothing_else(database, db_conn):
+    kept, lost, elsewhere = (add_task(db_conn, str(n)) for n in range(3))
+    held = claim_one(database, "a")
+    unheard = claim_one(database, "a")  # claimed, but as if its answer never arrived
+    other = claim_one(database, "b")
+    assert [c.task.id for c in (held, unheard, other)] == [kept, lost, elsewhere]
+
+    assert queue.take_back_unheld(database, [held], instance_id="a") == [lost]
+    row = task_row(db_conn, lost)
+    assert (row["status"], row["attempts"], row["lease_token"]) == ("pending", 0, None)
+    for task_id in (kept, elsewhere):
+        assert task_row(db_conn, task_id)["status"] == "processing"
+    # The unheard claim is fenced off; the held one still completes.
+    assert not queue.complete(database, unheard, instance_id="a").applied
+    assert queue.complete(database, held, instance_id="a").applied
+    assert queue.take_back_unheld(database, [], instance_id="a") == []
+
+
 def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(database, db_conn):
     task_id = add_task(db_conn, max_attempts=2)
     first = claim_one(database, "dead", lease=1)

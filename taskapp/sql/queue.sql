@@ -283,6 +283,30 @@ WITH released AS (
 SELECT id, taskapp_publish('task.updated', id, 'pending', :instance_id, NULL, run_after) AS notified
 FROM released;
 
+-- name: take_back_unheld
+-- Hand back, without spending their attempts, the tasks this instance holds in the database but not in memory: claimed by a statement whose answer was lost (the connection died after its commit). :lease_tokens are every claim the instance still holds.
+WITH unheld AS (
+    SELECT id
+    FROM tasks
+    WHERE status = 'processing' AND processing_instance_id = :instance_id
+      AND lease_token <> ALL(CAST(:lease_tokens AS uuid[]))
+    FOR UPDATE SKIP LOCKED
+), released AS (
+    UPDATE tasks AS t
+    SET status = 'pending',
+        attempts = greatest(t.attempts - 1, 0),
+        run_after = now(),
+        processing_instance_id = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM unheld
+    WHERE t.id = unheld.id
+    RETURNING t.id, t.run_after
+)
+SELECT id, taskapp_publish('task.updated', id, 'pending', :instance_id, NULL, run_after) AS notified
+FROM released;
+
 -- name: renew_leases
 -- Extend the leases an instance still holds; a task missing from the result was lost.
 UPDATE tasks AS t
