@@ -9,12 +9,13 @@ from flask import Flask, current_app, request
 from .config import Settings
 from .errors import Unauthorized
 
-# The probes and the docs stay open so load balancers, the kubelet and people can reach them.
+# The probes and the docs stay open so load balancers, the kubelet and people can reach them;
+# so do the pages of the problem types, which every error's `type` points at.
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 PUBLIC_PATHS = frozenset(
     {*PROBE_PATHS, *(p + "/" for p in PROBE_PATHS), "/apispec_1.json", "/oauth2-redirect.html"}
 )
-PUBLIC_PREFIXES = ("/apidocs/", "/flasgger_static/")
+PUBLIC_PREFIXES = ("/apidocs/", "/flasgger_static/", "/problems/")
 
 
 # A browser's EventSource, WebSocket and page loads can't send headers, so these GETs may carry

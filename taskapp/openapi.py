@@ -47,8 +47,8 @@ and update it, add and change a conversation, cancel it (while it is still pendi
 it, configure the queues, and delete it last.
 
 **Tasks and ETags.** Every response carrying a task has its `ETag`, which changes whenever
-anything its `GET` shows changes. Send it back as `If-Match` on `PUT` or `DELETE` to write only
-if nobody changed the task meanwhile (else 412); `If-Match` is optional.
+anything its `GET` shows changes. Send it back as `If-Match` on `PUT`, `DELETE`, `cancel` or
+`retry` to write only if nobody changed the task meanwhile (else 412); `If-Match` is optional.
 
 **Problem types.** An error's `type` says its kind; each is a page on this service:
 """
@@ -501,10 +501,12 @@ PATHS: dict[str, dict[str, Any]] = {
             "description": "A processing task is cancelled at once: its lease is revoked, so a "
             "late result is dropped, and the processor, on whichever instance runs it, sees "
             "its cancellation flag set within a second. Checkpoints it made stay.",
+            "parameters": [IF_MATCH],
             "responses": _responses(
                 {"200": _ok("TaskOut", "The task, now cancelled.", headers=_TASK_HEADERS)},
                 "404",
                 "409",
+                "412",
                 "415",
             ),
         },
@@ -516,10 +518,12 @@ PATHS: dict[str, dict[str, Any]] = {
             "tags": ["tasks"],
             "summary": "Send a failed, cancelled or completed task back to pending",
             "description": "Attempts start again from 0; `last_error` and the error history stay.",
+            "parameters": [IF_MATCH],
             "responses": _responses(
                 {"200": _ok("TaskOut", "The task, now pending.", headers=_TASK_HEADERS)},
                 "404",
                 "409",
+                "412",
                 "415",
             ),
         },
@@ -721,7 +725,9 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": {
             "operationId": "problem_type",
             "tags": ["system"],
-            "summary": "What a problem type (an error's `type`) means, as a page for people",
+            "summary": "What a problem type (an error's `type`) means, as a page for people"
+            " (no API key needed)",
+            "security": PUBLIC,
             "responses": _responses(
                 {
                     "200": {

@@ -16,7 +16,7 @@ from flask import Flask
 
 from .config import Settings
 from .database import Database, get_database
-from .events import Broker, Listener, Subscription
+from .events import Broker, Listener
 from .housekeeper import Housekeeper
 from .processor import CancelReason, load_processor
 from .worker import Worker
@@ -53,13 +53,6 @@ class Runtime:
         )
         self._stopper: threading.Thread | None = None
         self._lock = threading.Lock()
-
-    def subscribe(self, task_id: int | None = None) -> Subscription:
-        """A new event stream's subscription, once the listener is listening for events."""
-        subscription = self.broker.subscribe(task_id)
-        if not self.listener.events_wanted():
-            log.warning("event stream opened while the event listener is reconnecting")
-        return subscription
 
     @property
     def draining(self) -> bool:

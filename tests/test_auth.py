@@ -114,6 +114,7 @@ def test_a_valid_key_still_gets_the_usual_errors(secured: FlaskClient) -> None:
         "/apispec_1.json",
         "/flasgger_static/swagger-ui.css",
         "/flasgger_static/swagger-ui-bundle.js",
+        "/problems/validation",
     ],
 )
 def test_health_and_docs_need_no_key(secured: FlaskClient, path: str) -> None:
