@@ -254,10 +254,19 @@ def _action_params(task_id: int, instance_id: str | None, action: states.Action)
     return {"task_id": task_id, "instance_id": instance_id, "from_states": action.from_values}
 
 
-def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
-    """Send a failed, cancelled or completed task back to pending with fresh attempts."""
+def retry_task(
+    *,
+    database: Database,
+    task_id: int,
+    instance_id: str | None,
+    precondition: Precondition | None = None,
+) -> Rendered:
+    """Send a failed, cancelled or completed task back to pending with fresh attempts. With a
+    precondition, only if it holds (as in update_task)."""
     params = _action_params(task_id, instance_id, states.RETRY)
     with database.transaction() as conn:
+        if precondition is not None:
+            _check_precondition(database, conn, task_id, precondition)
         if database.fetchone("retry_task", params, conn=conn) is None:
             raise _conflict(database, conn, task_id, states.RETRY)
         # Read before the commit, so a concurrent delete can't make this success a 404.
@@ -265,12 +274,22 @@ def retry_task(*, database: Database, task_id: int, instance_id: str | None) -> 
         return _rendered(row, _task_not_found, task_id)
 
 
-def cancel_task(*, database: Database, task_id: int, instance_id: str | None) -> Rendered:
+def cancel_task(
+    *,
+    database: Database,
+    task_id: int,
+    instance_id: str | None,
+    precondition: Precondition | None = None,
+) -> Rendered:
     """Cancel a pending or processing task. A processing one is cancelled at once: its lease
     is revoked (so nothing its attempt writes later is recorded) and its instance is told to
-    set the processor's cancellation flag. A finished task is a Conflict."""
+    set the processor's cancellation flag. A finished task is a Conflict. With a
+    precondition, only if it holds (as in update_task)."""
     params = _action_params(task_id, instance_id, states.CANCEL)
-    with database.connection() as conn:
+    connect = database.connection if precondition is None else database.transaction
+    with connect() as conn:
+        if precondition is not None:
+            _check_precondition(database, conn, task_id, precondition)
         row = database.fetchone("cancel_task", params, conn=conn)
         if row is None:
             raise _conflict(database, conn, task_id, states.CANCEL)

@@ -293,3 +293,27 @@ def test_the_spec_documents_every_problem_type(client: FlaskClient) -> None:
     created = paths["/tasks/{task_id}/conversations/"]["post"]["responses"]["201"]
     assert "Location" in created["headers"]
     assert "get" in paths["/conversations/{conversation_id}"]
+
+
+def test_a_conditional_cancel_and_retry(client: FlaskClient, db_conn: psycopg.Connection) -> None:
+    """Cancel and retry are writes too: a stale tag changes nothing, a current one acts."""
+    task_id = create_task(client, "a").get_json()["id"]
+    tag = etag_of(client, task_id)
+    client.put(f"/tasks/{task_id}", json={"priority": 5})
+    before = dump_tables(db_conn)
+    assert_problem(client.post(f"/tasks/{task_id}/cancel", headers={"If-Match": tag}), 412)
+    assert dump_tables(db_conn) == before
+
+    cancelled = client.post(
+        f"/tasks/{task_id}/cancel", headers={"If-Match": etag_of(client, task_id)}
+    )
+    assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
+    assert_problem(client.post(f"/tasks/{task_id}/retry", headers={"If-Match": tag}), 412)
+    assert client.get(f"/tasks/{task_id}").get_json()["status"] == "cancelled"
+    retried = client.post(
+        f"/tasks/{task_id}/retry", headers={"If-Match": cancelled.headers["ETag"]}
+    )
+    assert retried.status_code == 200 and retried.get_json()["status"] == "pending"
+    # A missing task stays a 404; a state that forbids the action stays a 409.
+    assert_problem(client.post("/tasks/999/cancel", headers={"If-Match": "*"}), 404)
+    assert_problem(client.post(f"/tasks/{task_id}/retry", headers={"If-Match": "*"}), 409)

@@ -2,9 +2,9 @@
 
 Every response that carries a task carries its `ETag`: a strong validator, the hash of the
 very JSON sent, so it changes with anything the task's GET shows (its conversations, errors
-and progress included) and only then. PUT and DELETE take `If-Match` (optional: without it
-they write unconditionally) and answer 412 when it names none of the current tags; GET takes
-`If-None-Match` (compared weakly, RFC 9110 section 13.1.2) and answers 304.
+and progress included) and only then. PUT, DELETE, retry and cancel take `If-Match`
+(optional: without it they write unconditionally) and answer 412 when it names none of the
+current tags; GET takes `If-None-Match` (compared weakly, RFC 9110 section 13.1.2) and answers 304.
 """
 
 from __future__ import annotations
@@ -149,12 +149,14 @@ def delete_task(task_id: int) -> ResponseReturnValue:
 
 @bp.post("/<id:task_id>/retry")
 def retry_task(task_id: int) -> ResponseReturnValue:
-    return _task_response(services.retry_task(**_writer(), task_id=task_id))
+    task = services.retry_task(**_writer(), task_id=task_id, precondition=_if_match())
+    return _task_response(task)
 
 
 @bp.post("/<id:task_id>/cancel")
 def cancel_task(task_id: int) -> ResponseReturnValue:
-    return _task_response(services.cancel_task(**_writer(), task_id=task_id))
+    task = services.cancel_task(**_writer(), task_id=task_id, precondition=_if_match())
+    return _task_response(task)
 
 
 @bp.post("/prune")
