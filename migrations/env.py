@@ -8,9 +8,12 @@ one migrates and the others, once it commits, find the schema at head and do not
 import logging
 from logging.config import fileConfig
 
+import sqlalchemy.exc
 from alembic import context
 from flask import current_app
 from sqlalchemy import text
+
+from taskapp import DatabaseUnreachable, describe_connection_failure
 
 # Chosen once, arbitrarily; only has to differ from other advisory locks in the database.
 MIGRATION_LOCK_KEY = 7_243_001
@@ -32,6 +35,15 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _connect():
+    """The engine's connection; an unreachable database is one line, not a traceback."""
+    try:
+        return target_db.engine.connect()
+    except sqlalchemy.exc.OperationalError as exc:
+        url = current_app.config["TASKAPP"].database_url
+        raise DatabaseUnreachable(describe_connection_failure(url, exc.orig or exc)) from None
+
+
 def run_migrations_online() -> None:
     def skip_empty_autogenerate(context, revision, directives):
         if getattr(config.cmd_opts, "autogenerate", False) and directives[0].upgrade_ops.is_empty():
@@ -41,7 +53,7 @@ def run_migrations_online() -> None:
     conf_args = dict(current_app.extensions["migrate"].configure_args)
     conf_args.setdefault("process_revision_directives", skip_empty_autogenerate)
 
-    with target_db.engine.connect() as connection:
+    with _connect() as connection:
         context.configure(
             connection=connection,
             target_metadata=target_db.metadata,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 
+import click
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from .config import Settings
 
 
-class DatabaseUnreachable(RuntimeError):
-    """The database can't be reached at start; the message is one line for the log."""
+class DatabaseUnreachable(click.ClickException):
+    """The database can't be reached at start; the message is one line for the log. A
+    ClickException, so a `flask` command (`flask db upgrade`) prints it as one line too,
+    exit status 1, instead of a traceback."""
 
 
 def describe_connection_failure(database_url: str, exc: BaseException) -> str:

@@ -117,3 +117,25 @@ def test_a_worker_that_cannot_reach_it_stops_gunicorn_in_one_line(database_url: 
     assert worker_line["instance_id"]  # said by the instance, not the master
     assert sum(m.startswith("Booting worker") for m in messages) == 1, messages  # no retry
     assert not any("exception" in entry for entry in entries), messages
+
+
+@pytest.mark.parametrize("auto_migrate", ["0", "1"])
+def test_flask_db_upgrade_says_it_in_one_line(auto_migrate: str) -> None:
+    """The README's migration command, run by hand against a database that isn't there."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgresql://user:{PASSWORD}@127.0.0.1:{port}/db",
+        "AUTO_MIGRATE": auto_migrate,
+    }
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "flask"), "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"Error: {_message(port)}"], done.stderr
+    assert PASSWORD not in done.stderr + done.stdout

@@ -190,6 +190,7 @@ class Launcher:
             for instance in waiting:
                 if instance.returncode is not None:
                     say(f"instance on port {instance.port} exited during startup")
+                    self._let_the_others_settle(instance)
                     return False
             if self.stopping.is_set():
                 return False
@@ -200,6 +201,16 @@ class Launcher:
             if waiting:
                 self.stopping.wait(0.2)
         return True
+
+    def _let_the_others_settle(self, failed: Instance, seconds: float = 5.0) -> None:
+        """Before they are stopped, give the other instances a few seconds to come up or to
+        fail by themselves: one that fails the same way then says why too, instead of
+        being stopped before it could."""
+        deadline = time.monotonic() + seconds
+        others = [instance for instance in self.instances if instance is not failed]
+        while others and time.monotonic() < deadline and not self.stopping.is_set():
+            others = [i for i in others if i.returncode is None and not i.healthy()]
+            self.stopping.wait(0.1)
 
     def print_banner(self, database_url: str) -> None:
         """Say where everything is."""
