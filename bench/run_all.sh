@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark in turn; the result tables go to stdout (and bench/results/<date>.md),
 # progress to stderr.
-#   bench/run_all.sh           full run (15-20 min on 2 cores)
+#   bench/run_all.sh           full run (35-45 min on 2 cores; bench.sustained alone is 10)
 #   bench/run_all.sh --quick   smoke run with small counts and short runs (2-3 min)
 # Needs: wrk (apt-get install -y wrk), PostgreSQL reachable as $BENCH_PG_URL
 # (default postgresql://postgres@127.0.0.1:5432/postgres, a role that may create databases),
@@ -29,7 +29,7 @@ out="$results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
 run_all() {
   local status=0
   echo "# taskapp benchmarks $(date -u '+%Y-%m-%d %H:%M UTC')${quick:+ (quick)}"
-  for bench in http drain flow pickup growth memory retention inflight live_output peers; do
+  for bench in http drain flow pickup growth memory retention sustained inflight live_output peers; do
     case " ${BENCH_SKIP:-} " in
       *" $bench "*) echo "[run_all] bench.$bench skipped (BENCH_SKIP)" >&2; continue ;;
     esac
