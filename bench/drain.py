@@ -118,7 +118,7 @@ HEADERS = ["run", "tasks", "seconds", "tasks/s", "x raw", "target"]
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = 2000 if args.quick else args.tasks
+    tasks = 1000 if args.quick else args.tasks
     stamp = machine_line()
     pairs = []
     with bench_database("drain") as url:

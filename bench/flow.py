@@ -110,7 +110,7 @@ def exported_tree(revision: str) -> Iterator[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = 2000 if args.quick else args.tasks
+    tasks = 1000 if args.quick else args.tasks
     rounds = 1 if args.quick else args.rounds
     stamp = machine_line()
     rates: dict[str, list[float]] = {}

@@ -185,10 +185,10 @@ def growth_rows(small: Figures, big: Figures) -> list[list[object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = [1_000, 20_000] if args.quick else sorted(args.sizes)
+    sizes = [1_000, 10_000] if args.quick else sorted(args.sizes)
     if args.quick:
-        args.tasks, args.rounds = 2000, 1
-    load = Load(seconds=2.0 if args.quick else args.seconds, connections=args.connections)
+        args.tasks, args.rounds = 1000, 1
+    load = Load(seconds=1.0 if args.quick else args.seconds, connections=args.connections)
     stamp = machine_line()
     with bench_database("growth_small") as small_url, bench_database("growth_big") as big_url:
         small, big = load_size(small_url, sizes[0]), load_size(big_url, sizes[-1])

@@ -185,9 +185,9 @@ def round_rows(
 
 
 def run(args: argparse.Namespace) -> int:
-    seconds = 2.0 if args.quick else args.seconds
+    seconds = 1.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
-    load = Load(seconds=seconds, connections=args.connections, warmup=1.0)
+    load = Load(seconds=seconds, connections=args.connections, warmup=0.5 if args.quick else 1.0)
     stamp = machine_line()
     hellos: list[HttpResult] = []
     results: list[list[HttpResult]] = []

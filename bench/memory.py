@@ -69,7 +69,7 @@ class PeakSampler:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = 3_000 if args.quick else args.tasks
+    tasks = 1_500 if args.quick else args.tasks
     stamp = machine_line()
     with hello_server() as hello:
         hello.start()

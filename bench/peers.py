@@ -486,8 +486,8 @@ def run(args: argparse.Namespace) -> int:
     if args.setup:
         print(" ".join(f"{k}=={v}" for k, v in versions.items()))
         return 0
-    tasks = 2000 if args.quick else args.tasks
-    rounds = 2 if args.quick and args.rounds is None else (args.rounds or 3)
+    tasks = 1000 if args.quick else args.tasks
+    rounds = 1 if args.quick and args.rounds is None else (args.rounds or 3)
     seconds = 2 if args.quick and args.pgbench_seconds is None else (args.pgbench_seconds or 5)
     stamp = machine_line()
     peers = [
@@ -592,7 +592,7 @@ if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=3600)
     add_drain_args(p)
     p.add_argument(
-        "--rounds", type=int, default=None, help="rounds of the 3 drains (default 3, --quick 2)"
+        "--rounds", type=int, default=None, help="rounds of the 3 drains (default 3, --quick 1)"
     )
     p.add_argument(
         "--conversations", type=int, default=0, help="conversations per taskapp task (default 0)"

@@ -67,8 +67,8 @@ def drain(url: str, tasks: int, concurrency: int, timeout: float, **env: object)
 
 
 def run(args: argparse.Namespace) -> int:
-    history = 20_000 if args.quick else args.history
-    tasks = 2_000 if args.quick else args.tasks
+    history = 10_000 if args.quick else args.history
+    tasks = 1_000 if args.quick else args.tasks
     stamp = machine_line()
     with bench_database("retention") as url:
         log(f"loading {history:,} completed tasks 30 days old…")

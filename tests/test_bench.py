@@ -28,7 +28,8 @@ TABLES = [
     "### Growth:",
     "#### Claim plan with",
     "### Memory (VmRSS) of one instance",
-    "### Drain of 2,000 tasks while 20,000 expired ones are pruned",
+    "### Drain of 1,000 tasks while 10,000 expired ones are pruned",
+    "### Sustained drain, 2 instances",
 ]
 
 

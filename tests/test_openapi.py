@@ -173,7 +173,7 @@ def test_schemathesis_finds_no_failures_against_a_live_instance(
         "--max-examples",
         "30",
         "--max-time",
-        "60",
+        "35",
         "--exclude-path",
         "/events",
         "--exclude-path",
