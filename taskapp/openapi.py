@@ -1020,7 +1020,7 @@ def _with_request_id(document: dict[str, Any]) -> None:
             if method != "parameters":
                 responses += list(operation["responses"].items())
     for code, response in responses:
-        if "$ref" not in response and code != "101":
+        if "$ref" not in response:
             response.setdefault("headers", {})["X-Request-ID"] = reference
 
 

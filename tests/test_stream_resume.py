@@ -258,8 +258,11 @@ def test_a_websocket_resumes_with_last_event_id_in_the_query(instances, database
         wait_for(lambda: log.events("task.completed", task["id"]))
         ids = [e["id"] for e in log.events(task_id=task["id"])]
     watching.close()
-    with ws_connect(f"ws://127.0.0.1:{b.port}/ws?last_event_id={ids[0]}") as ws:
+    url = f"ws://127.0.0.1:{b.port}/ws?last_event_id={ids[0]}"
+    with ws_connect(url, additional_headers={"X-Request-ID": "ws-resume-1"}) as ws:
         got = [json.loads(ws.recv(timeout=10)) for _ in ids[1:]]
+        # Its 101 carries the request id like every other response.
+        assert ws.response.headers["X-Request-ID"] == "ws-resume-1"
     assert [e["id"] for e in got if e["task_id"] == task["id"]] == ids[1:]
 
 

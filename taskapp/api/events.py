@@ -38,7 +38,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
-from .. import runtime
+from .. import logs, runtime
 from ..auth import QUERY_KEY_PARAM
 from ..errors import BadRequest
 from ..events import EVENT_TYPES, RESET_TYPE, Event, Subscription, TooManyStreams
@@ -283,7 +283,9 @@ def _serve_websocket(
 ) -> None:
     config = settings()
     keepalive, send_timeout = config.event_keepalive_seconds, config.event_send_timeout_seconds
-    sock.sendall(connection.send(AcceptConnection()))
+    # The 101 is written here, not by Flask: it carries the request id itself.
+    request_id = logs.request_id().encode("latin-1")
+    sock.sendall(connection.send(AcceptConnection(extra_headers=[(b"X-Request-ID", request_id)])))
     written = time.monotonic()
     # When the ping not yet answered went out: a client that answers nothing (pong or any
     # frame) for EVENT_SEND_TIMEOUT_SECONDS after it is hung, and is hung up on.
