@@ -96,6 +96,8 @@ class Housekeeper:
         )
         self.rescue()
         self.prune()
+        if self._rounds == 0:
+            self.check_autovacuum()
         if self._rounds % FORGET_EVERY_ROUNDS == 0:
             queue.forget_instances(self.database, older_than_seconds=FORGET_INSTANCES_AFTER_SECONDS)
         self._rounds += 1
@@ -116,6 +118,16 @@ class Housekeeper:
                     claimed.task.id,
                     extra={"task_id": claimed.task.id},
                 )
+
+    def check_autovacuum(self) -> None:
+        """Say once, at start, when the server runs no autovacuum: every claim and finish
+        leaves a dead row, and without vacuum the claim wades through them ever slower."""
+        if not self.database.fetchone("autovacuum_on").running:
+            log.warning(
+                "autovacuum is off on this PostgreSQL server: the tasks table will bloat and "
+                "claims slow down as it does; turn it on, or VACUUM tasks, conversations and "
+                "task_counts often (docs/design.md, Table hygiene)"
+            )
 
     def rescue(self) -> None:
         rescued = queue.rescue_expired(self.database, instance_id=self.instance_id)

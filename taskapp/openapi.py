@@ -1019,7 +1019,7 @@ def _with_request_id(document: dict[str, Any]) -> None:
         for method, operation in item.items():
             if method != "parameters":
                 responses += list(operation["responses"].items())
-    for code, response in responses:
+    for _code, response in responses:
         if "$ref" not in response:
             response.setdefault("headers", {})["X-Request-ID"] = reference
 

@@ -192,6 +192,11 @@ def test_with_json_every_line_gunicorn_alembic_and_taskapp_write_is_json(fresh_d
     assert access[("POST", "/tasks/")]["status"] == 201
     completed = [e for e in by_logger["taskapp.worker"] if e.get("task_id") == task["id"]]
     assert completed and all(e["instance_id"] == instance_id for e in completed)
+    # The housekeeper's word on autovacuum, said once, exactly when the server has it off.
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()[0]
+    warned = [e for e in entries if e["message"].startswith("autovacuum is off")]
+    assert len(warned) == (1 if autovacuum == "off" else 0), warned
 
 
 @pytest.mark.slow  # real gunicorn (the instances fixture would bring a database it can't use)

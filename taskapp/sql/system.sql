@@ -9,6 +9,10 @@ SELECT 1;
 -- The revision the schema is at (GET /readyz compares it with this code's head).
 SELECT version_num FROM alembic_version;
 
+-- name: autovacuum_on
+-- Whether the server runs autovacuum: the hot tables bloat without it (the housekeeper warns).
+SELECT current_setting('autovacuum') = 'on' AS running;
+
 -- name: notify
 -- An empty NOTIFY on a channel, sent at once.
 SELECT pg_notify(:channel, '');
