@@ -48,17 +48,6 @@ from bench.common import (
 
 TARGET = 0.8
 TABLES = ("tasks", "conversations", "task_counts")
-# Migration 0010's settings, reset for the --compare run.
-HYGIENE_OPTIONS = {
-    "tasks": "fillfactor, autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold,"
-    " autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold,"
-    " autovacuum_analyze_scale_factor, autovacuum_analyze_threshold",
-    "conversations": "fillfactor, autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold,"
-    " autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold,"
-    " autovacuum_analyze_scale_factor, autovacuum_analyze_threshold",
-    "task_counts": "fillfactor, autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold",
-}
-
 _TABLE_STATS = """
 SELECT c.relname, pg_total_relation_size(c.oid), pg_indexes_size(c.oid),
        s.n_live_tup, s.n_dead_tup, s.n_tup_upd, s.n_tup_hot_upd, s.autovacuum_count
@@ -87,8 +76,9 @@ def table_stats(url: str) -> list[TableStats]:
     return [TableStats(*row) for row in rows]
 
 
-def completed(conn) -> int:  # type: ignore[no-untyped-def]
-    row = conn.execute("SELECT coalesce(sum(n), 0) FROM task_counts WHERE status = 'completed'")
+def counted(conn, status: str) -> int:  # type: ignore[no-untyped-def]
+    """Tasks of this status, from the counts the triggers keep (cheap at any table size)."""
+    row = conn.execute("SELECT coalesce(sum(n), 0) FROM task_counts WHERE status = %s", (status,))
     return int(row.fetchone()[0])
 
 
@@ -103,11 +93,10 @@ class Feeder(threading.Thread):
         self.ran_dry = 0  # checks that found nothing pending while the instances ran
 
     def run(self) -> None:
-        pending = "SELECT coalesce(sum(n), 0) FROM task_counts WHERE status = 'pending'"
         try:
             with connect(self.url) as conn:
                 while not self.stop.is_set():
-                    left = int(conn.execute(pending).fetchone()[0])  # type: ignore[index]
+                    left = counted(conn, "pending")
                     if left == 0:
                         self.ran_dry += 1
                     if left < self.backlog:
@@ -161,13 +150,13 @@ def sustain(url: str, label: str, seconds: float, window: float, args: argparse.
         stack.callback(feeder.stop.set)
         with connect(url) as conn:
             # The clock starts once the backlog is there and the instances are at work.
-            while completed(conn) == 0:
+            while counted(conn, "completed") == 0:
                 if feeder.error:
                     raise BenchError(f"the feeder failed: {feeder.error}")
                 time.sleep(0.05)
             started = time.perf_counter()
             while (now := time.perf_counter() - started) <= seconds:
-                samples.append((now, completed(conn)))
+                samples.append((now, counted(conn, "completed")))
                 if feeder.error:
                     raise BenchError(f"the feeder failed: {feeder.error}")
                 time.sleep(1.0)
@@ -214,9 +203,17 @@ def fresh_database(admin_url: str | None, n: int) -> Iterator[str]:
 
 
 def reset_hygiene(url: str) -> None:
+    """Back to PostgreSQL's defaults: reset whatever storage options the tables have (the
+    migrations set them; read from pg_class, so no copy of them is kept here)."""
     with connect(url) as conn:
-        for table, options in HYGIENE_OPTIONS.items():
-            conn.execute(f"ALTER TABLE {table} RESET ({options})")
+        rows = conn.execute(
+            "SELECT relname, reloptions FROM pg_class"
+            " WHERE relname = ANY(%s) AND reloptions IS NOT NULL",
+            (list(TABLES),),
+        ).fetchall()
+        for table, options in rows:
+            names = ", ".join(option.split("=", 1)[0] for option in options)
+            conn.execute(f"ALTER TABLE {table} RESET ({names})")
 
 
 def mib(n: int) -> str:

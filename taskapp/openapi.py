@@ -1014,12 +1014,12 @@ def _with_request_id(document: dict[str, Any]) -> None:
     reference = {"$ref": "#/components/headers/X-Request-ID"}
     components = document["components"]
     components.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
-    responses = [(code, r) for code, r in components["responses"].items() if code != "414"]
+    responses = [r for code, r in components["responses"].items() if code != "414"]
     for item in document["paths"].values():
         for method, operation in item.items():
             if method != "parameters":
-                responses += list(operation["responses"].items())
-    for _code, response in responses:
+                responses += operation["responses"].values()
+    for response in responses:
         if "$ref" not in response:
             response.setdefault("headers", {})["X-Request-ID"] = reference
 

@@ -10,8 +10,9 @@ update) are single conditional UPDATEs, so whoever commits first wins.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,29 @@ def _check_precondition(
             "and send its current ETag."
         )
     return current
+
+
+@contextlib.contextmanager
+def _writing(
+    database: Database,
+    task_id: int,
+    precondition: Precondition | None,
+    *,
+    transaction: bool = False,
+) -> Iterator[tuple[psycopg.Connection[Any], Rendered | None]]:
+    """A connection for a write to one task, and the task as it was when a precondition was
+    given: then the connection is a transaction in which the task was locked and tested first
+    (PreconditionFailed when the test fails). Without one, a plain connection (a transaction
+    only when asked)."""
+    if precondition is None and not transaction:
+        with database.connection() as conn:
+            yield conn, None
+        return
+    with database.transaction() as conn:
+        if precondition is None:
+            yield conn, None
+        else:
+            yield conn, _check_precondition(database, conn, task_id, precondition)
 
 
 def _task_not_found(task_id: int) -> NotFound:
@@ -201,12 +225,9 @@ def update_task(
     if not data and precondition is None:
         return get_task(database=database, task_id=task_id)
     params = {**update_params(data, TASK_FIELDS), "task_id": task_id, "instance_id": instance_id}
-    connect = database.connection if precondition is None else database.transaction
-    with connect() as conn:
-        if precondition is not None:
-            current = _check_precondition(database, conn, task_id, precondition)
-            if not data:
-                return current
+    with _writing(database, task_id, precondition) as (conn, current):
+        if current is not None and not data:
+            return current
         row = database.fetchone("update_task", params, conn=conn)
         moving = "queue" in data or "concurrency_key" in data
         if (
@@ -231,12 +252,8 @@ def delete_task(
     """Delete a task and its conversations; a processor running it is told to stop, and its
     writes are fenced off. With a precondition, only if it holds (as in update_task)."""
     params = {"task_id": task_id, "instance_id": instance_id}
-    if precondition is None:
-        row = database.fetchone("delete_task", params)
-    else:
-        with database.transaction() as conn:
-            _check_precondition(database, conn, task_id, precondition)
-            row = database.fetchone("delete_task", params, conn=conn)
+    with _writing(database, task_id, precondition) as (conn, _):
+        row = database.fetchone("delete_task", params, conn=conn)
     if row is None:
         raise _task_not_found(task_id)
 
@@ -264,9 +281,7 @@ def retry_task(
     """Send a failed, cancelled or completed task back to pending with fresh attempts. With a
     precondition, only if it holds (as in update_task)."""
     params = _action_params(task_id, instance_id, states.RETRY)
-    with database.transaction() as conn:
-        if precondition is not None:
-            _check_precondition(database, conn, task_id, precondition)
+    with _writing(database, task_id, precondition, transaction=True) as (conn, _):
         if database.fetchone("retry_task", params, conn=conn) is None:
             raise _conflict(database, conn, task_id, states.RETRY)
         # Read before the commit, so a concurrent delete can't make this success a 404.
@@ -286,10 +301,7 @@ def cancel_task(
     set the processor's cancellation flag. A finished task is a Conflict. With a
     precondition, only if it holds (as in update_task)."""
     params = _action_params(task_id, instance_id, states.CANCEL)
-    connect = database.connection if precondition is None else database.transaction
-    with connect() as conn:
-        if precondition is not None:
-            _check_precondition(database, conn, task_id, precondition)
+    with _writing(database, task_id, precondition) as (conn, _):
         row = database.fetchone("cancel_task", params, conn=conn)
         if row is None:
             raise _conflict(database, conn, task_id, states.CANCEL)
