@@ -48,10 +48,10 @@ class Dispatcher:
     """Claims for free slots and writes completions in batches; start() and stop() once.
 
     `claimed(claims)` is called with each batch of new claims (the worker holds them and
-    hands them to work threads); `held()` every claim it holds; `finished(completion, outcome)`
-    once per written completion
-    (outcome None: it could not be written, and its lease will run out); `refused(completion,
-    error)` for a result PostgreSQL would not store."""
+    hands them to work threads); `held()` returns every claim the worker holds;
+    `finished(completion, outcome)` once per written completion (outcome None: it could not be
+    written, and its lease will run out); `refused(completion, error)` for a result PostgreSQL
+    would not store."""
 
     def __init__(
         self,
@@ -129,9 +129,12 @@ class Dispatcher:
     def _loop(self) -> None:
         failing_since: float | None = None
         backoff = Backoff()
-        # A claim failed with its answer unknown: it may have committed, leaving tasks leased
-        # to this instance that nothing here will run (for a whole lease). Taken back first.
+        # A round failed with its answer unknown: it may have committed. Its claims would
+        # leave tasks leased to this instance that nothing here runs (for a whole lease):
+        # taken back first. Its completions, written again, find their leases gone: asked
+        # after (_confirmed), so a task completed here is not reported as lost.
         claim_unsure = False
+        unsure_completions: set[int] = set()
         while True:
             batch, limits, generation = self._next_round()
             if batch is None:
@@ -157,6 +160,7 @@ class Dispatcher:
                 continue
             except Exception as exc:
                 claim_unsure = claim_unsure or bool(limits)
+                unsure_completions.update(c.claim.task.id for c in batch)
                 failing_since = failing_since or time.monotonic()
                 self._after_failure(batch, exc, failing_since, first=not backoff.current)
                 time.sleep(backoff.next())
@@ -182,7 +186,10 @@ class Dispatcher:
                     self._maybe_ready = False
             if claims:
                 self._claimed(claims)
-            for completion, outcome in zip(batch, done.outcomes, strict=True):
+            outcomes = done.outcomes
+            if unsure_completions:
+                outcomes = self._confirmed(batch, outcomes, unsure_completions)
+            for completion, outcome in zip(batch, outcomes, strict=True):
                 self._finished(completion, outcome)
 
     def _next_round(self) -> tuple[list[Completion] | None, dict[str, int], int]:
@@ -224,6 +231,29 @@ class Dispatcher:
                 ", ".join(map(str, taken)),
             )
 
+    def _confirmed(
+        self, batch: list[Completion], outcomes: list[queue.Outcome], unsure: set[int]
+    ) -> list[queue.Outcome]:
+        """The outcomes, with each completion that found its lease gone after a lost answer
+        counted as applied when the task stands completed by this instance."""
+        doubtful = [
+            c.claim.task.id
+            for c, o in zip(batch, outcomes, strict=True)
+            if not o.applied and c.claim.task.id in unsure
+        ]
+        unsure.difference_update(c.claim.task.id for c in batch)
+        if not doubtful:
+            return outcomes
+        try:
+            done = queue.completed_by(self.database, doubtful, instance_id=self.instance_id)
+        except Exception as exc:
+            log.warning("could not confirm %d earlier completion(s): %s", len(doubtful), exc)
+            return outcomes
+        return [
+            queue.Outcome(applied=True, status="completed") if c.claim.task.id in done else o
+            for c, o in zip(batch, outcomes, strict=True)
+        ]
+
     def _one_by_one(self, batch: list[Completion]) -> None:
         for completion in batch:
             try:
@@ -246,8 +276,8 @@ class Dispatcher:
     ) -> None:
         """Keep the batch for the next round, until it has failed for longer than the leases
         would last anyway. The next round claims again too (after the backoff): a wake-up sent
-        while the statement was failing must not be lost for a whole poll interval. (A claim
-        whose answer was lost is taken back when its lease runs out.)"""
+        while the statement was failing must not be lost for a whole poll interval. (Tasks a
+        lost answer leased to this instance are taken back first: _take_back_unheld.)"""
         give_up = time.monotonic() - failing_since > retry_writes_for(self.settings.lease_seconds)
         if give_up:
             log.error(

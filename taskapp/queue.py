@@ -298,6 +298,12 @@ def take_back_unheld(database: Database, held: list[Claim], *, instance_id: str)
     return [row.id for row in rows]
 
 
+def completed_by(database: Database, task_ids: list[int], *, instance_id: str) -> set[int]:
+    """Which of these tasks stand completed by this instance."""
+    rows = database.fetch("completed_by", {"task_ids": task_ids, "instance_id": instance_id})
+    return {row.id for row in rows}
+
+
 def renew_leases(database: Database, held: list[Claim], *, lease_seconds: float) -> set[int]:
     """Extend the leases of the given claims; return the ids of tasks still held."""
     if not held:

@@ -195,6 +195,11 @@ def test_claims_whose_answer_was_lost_are_taken_back_and_nothing_else(database, 
     assert not queue.complete(database, unheard, instance_id="a").applied
     assert queue.complete(database, held, instance_id="a").applied
     assert queue.take_back_unheld(database, [], instance_id="a") == []
+    # A completion written again after its answer was lost finds its lease gone: this tells
+    # whether the first write stood.
+    assert not queue.complete(database, held, instance_id="a").applied
+    assert queue.completed_by(database, [kept, lost, elsewhere], instance_id="a") == {kept}
+    assert queue.completed_by(database, [kept], instance_id="b") == set()
 
 
 def test_expired_leases_are_rescued_and_the_old_holder_is_fenced(database, db_conn):

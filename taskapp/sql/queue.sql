@@ -307,6 +307,12 @@ WITH unheld AS (
 SELECT id, taskapp_publish('task.updated', id, 'pending', :instance_id, NULL, run_after) AS notified
 FROM released;
 
+-- name: completed_by
+-- Which of these tasks this instance completed: a completion written again after its answer was lost finds its lease gone, yet the first write may have been applied.
+SELECT id FROM tasks
+WHERE id = ANY(CAST(:task_ids AS bigint[])) AND status = 'completed'
+  AND processing_instance_id = :instance_id;
+
 -- name: renew_leases
 -- Extend the leases an instance still holds; a task missing from the result was lost.
 UPDATE tasks AS t
