@@ -166,6 +166,13 @@ def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
 
 
+def listen_to_events(conn: psycopg.Connection[Any]) -> None:
+    """LISTEN on taskapp_events as an instance with a stream does: PostgreSQL sends events
+    only while someone says it watches (taskapp_watch_events, migration 0011)."""
+    conn.execute("SELECT taskapp_watch_events(3600)")
+    conn.execute("LISTEN taskapp_events")
+
+
 def database_url(name: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 

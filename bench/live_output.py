@@ -33,6 +33,7 @@ from bench.common import (
     bench_database,
     connect,
     http_json,
+    listen_to_events,
     log,
     machine_line,
     main,
@@ -112,7 +113,7 @@ class ListenClient:
 
     def _run(self) -> None:
         with connect(self.url) as conn:
-            conn.execute("LISTEN taskapp_events")
+            listen_to_events(conn)
             self._ready.set()
             while not self._stop.is_set():
                 for notify in conn.notifies(timeout=0.2):

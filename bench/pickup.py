@@ -29,6 +29,7 @@ from bench.common import (
     bench_database,
     connect,
     insert_tasks,
+    listen_to_events,
     log,
     machine_line,
     main,
@@ -56,7 +57,7 @@ class EventListener:
 
     def _run(self) -> None:
         with connect(self.url) as conn:
-            conn.execute("LISTEN taskapp_events")
+            listen_to_events(conn)
             self._ready.set()
             while not self._stop.is_set():
                 for notify in conn.notifies(timeout=0.2):

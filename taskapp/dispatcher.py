@@ -49,9 +49,9 @@ class Dispatcher:
 
     `claimed(claims)` is called with each batch of new claims (the worker holds them and
     hands them to work threads); `held()` returns every claim the worker holds;
-    `finished(completion, outcome)` once per written completion (outcome None: it could not be
-    written, and its lease will run out); `refused(completion, error)` for a result PostgreSQL
-    would not store."""
+    `finished(results)` with the (completion, outcome) pairs of each round (outcome None: it
+    could not be written, and its lease will run out); `refused(completion, error)` for a
+    result PostgreSQL would not store."""
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class Dispatcher:
         slots: Mapping[str, int],
         claimed: Callable[[list[Claim]], None],
         held: Callable[[], list[Claim]],
-        finished: Callable[[Completion, queue.Outcome | None], None],
+        finished: Callable[[list[tuple[Completion, queue.Outcome | None]]], None],
         refused: Callable[[Completion, Exception], None],
     ) -> None:
         self.database = database
@@ -189,8 +189,8 @@ class Dispatcher:
             outcomes = done.outcomes
             if unsure_completions:
                 outcomes = self._confirmed(batch, outcomes, unsure_completions)
-            for completion, outcome in zip(batch, outcomes, strict=True):
-                self._finished(completion, outcome)
+            if batch:
+                self._finished(list(zip(batch, outcomes, strict=True)))
 
     def _next_round(self) -> tuple[list[Completion] | None, dict[str, int], int]:
         """Wait for something to do; return the completions to write, how many tasks of each
@@ -269,7 +269,7 @@ class Dispatcher:
                 with self._cond:
                     self._completions.append(completion)  # the next round tries again
             else:
-                self._finished(completion, outcome)
+                self._finished([(completion, outcome)])
 
     def _after_failure(
         self, batch: list[Completion], exc: Exception, failing_since: float, *, first: bool
@@ -286,8 +286,7 @@ class Dispatcher:
                 len(batch),
                 short_error(exc),
             )
-            for completion in batch:
-                self._finished(completion, None)
+            self._finished([(completion, None) for completion in batch])
         else:
             if first:
                 log.warning(

@@ -30,9 +30,10 @@ WAKEUP_CHANNEL = "taskapp_wakeup"
 # processor's cancellation flag.
 CANCEL_CHANNEL = "taskapp_cancel"
 # "A stream is open here": every instance that hears it keeps events (listens, fills its
-# ring) for LINGER_SECONDS, so a client of that stream may resume on any of them. Sent by an
-# instance with streams every ANNOUNCE_SECONDS, and at once when a listener that connects
-# asks on STREAMS_QUERY_CHANNEL.
+# ring) for LINGER_SECONDS, so a client of that stream may resume on any of them, and
+# PostgreSQL sends events for as long (taskapp_publish() sends none while nobody watches,
+# migration 0011). Sent by an instance with streams every ANNOUNCE_SECONDS, and at once when
+# a listener that connects asks on STREAMS_QUERY_CHANNEL.
 STREAMS_CHANNEL = "taskapp_streams"
 STREAMS_QUERY_CHANNEL = "taskapp_streams_query"
 ANNOUNCE_SECONDS = 10.0
@@ -429,6 +430,10 @@ class Listener:
         """A stream has subscribed: make sure events are being listened to, waiting up to
         `timeout` for it; False if the listener could not (it is reconnecting)."""
         if self.listening_to_events.is_set():
+            # Listening while another instance's streams last: this one says so now, before
+            # the gate that instance opened closes on this stream.
+            if time.monotonic() - self._announced_at >= ANNOUNCE_SECONDS:
+                self._announce()
             return True
         try:
             self.database.notify(self.control_channel)
@@ -509,8 +514,7 @@ class Listener:
         if self.broker.receiving > 0:
             self._keep_until = now + LINGER_SECONDS
             if now - self._announced_at >= ANNOUNCE_SECONDS:
-                self._announced_at = now
-                self._notify(STREAMS_CHANNEL)
+                self._announce()
         wanted = now < self._keep_until
         if wanted and not self.listening_to_events.is_set():
             self.database.listen(conn, EVENTS_CHANNEL)
@@ -524,6 +528,18 @@ class Listener:
             self.database.listen(conn, EVENTS_CHANNEL, listening=False)
             self.listening_to_events.clear()
             self.broker.lost_events(tell_streams=False)
+
+    def _announce(self) -> None:
+        """Say that a stream is open here: events flow, and every instance keeps them, for
+        LINGER_SECONDS more. Done before a first stream starts, so it misses nothing."""
+        self._announced_at = time.monotonic()
+        try:
+            self.database.fetch(
+                "announce_streams", {"seconds": LINGER_SECONDS, "channel": STREAMS_CHANNEL}
+            )
+        except Exception as exc:
+            self._announced_at = -ANNOUNCE_SECONDS  # again at the next round
+            log.warning("could not announce this instance's event streams: %s", exc)
 
     def _notify(self, channel: str) -> None:
         # Through the pool, not this connection: a failure here is not the listener's.

@@ -56,9 +56,11 @@ def tasks_claimed(count: int) -> None:
         TASKS_CLAIMED.inc(count)
 
 
-def task_completed(duration: float) -> None:
-    TASKS_COMPLETED.inc()
-    PROCESSING_SECONDS.labels("completed").observe(duration)
+def tasks_completed(durations: list[float]) -> None:
+    TASKS_COMPLETED.inc(len(durations))
+    observe = PROCESSING_SECONDS.labels("completed").observe
+    for duration in durations:
+        observe(duration)
 
 
 def task_failed(duration: float, *, final: bool) -> None:

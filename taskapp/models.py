@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -125,7 +126,6 @@ class Task(Model):
             "run_after",
             postgresql_where=text("status = 'pending'"),
         ),
-        Index("ix_tasks_status", "status"),
         # Finished tasks by age, for retention (sql/retention.sql).
         Index(
             "ix_tasks_finished",
@@ -195,6 +195,19 @@ class TaskCount(Model):
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventWatch(Model):
+    """Until when someone watches the events: taskapp_publish() sends none after that
+    (migration 0011). One row, moved on by the instances that hold event streams."""
+
+    __tablename__ = "event_watch"
+    __table_args__ = (CheckConstraint("only_row", name="event_watch_only_row_check"),)
+
+    only_row: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    watched_until: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("'-infinity'")
+    )
 
 
 class _FlowState:

@@ -112,7 +112,8 @@ def complete_and_claim_many(
         "lease_seconds": lease_seconds,
     }
     rows = database.fetch("complete_and_claim", params)
-    finished = {item["id"]: item["status"] for item in _json(rows[0].finished)}
+    finished_json = next((row.finished for row in rows if row.finished is not None), "[]")
+    finished = {item["id"]: item["status"] for item in json.loads(finished_json)}
     outcomes = [
         Outcome(applied=claimed.task.id in finished, status=finished.get(claimed.task.id))
         for claimed, _ in completions
@@ -228,11 +229,11 @@ def _claims(rows: list[Any]) -> list[Claim]:
                 attempts=row.attempts,
                 conversations=tuple(
                     ConversationSnapshot(id=c["id"], content=c["content"])
-                    for c in _json(row.conversations)
+                    for c in _json_list(row.conversations)
                 ),
                 processed=tuple(
                     ProcessedConversation(id=c["id"], result=c["result"])
-                    for c in _json(row.processed)
+                    for c in _json_list(row.processed)
                 ),
                 timeout_seconds=row.timeout_seconds,
                 queue=row.queue,
@@ -383,8 +384,8 @@ def oldest_pending_age(database: Database) -> float:
     return float(row[0] or 0)
 
 
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+def _json_list(text: str | None) -> list[Any]:
+    return [] if text is None else json.loads(text)
 
 
 def prune_finished(database: Database, *, status: str, keep_seconds: float, batch: int) -> int:

@@ -49,6 +49,7 @@ from .database import Database
 from .dispatcher import Completion, Dispatcher
 from .processor import CancelReason, Context, Defer, Processor, adapt, encode_result
 from .queue import Claim
+from .states import TaskStatus
 
 __all__ = ["Worker", "describe_error", "short_error"]
 
@@ -345,16 +346,56 @@ class Worker:
     def _let_go(self, claimed: Claim) -> None:
         """This claim's attempt is over: stop renewing its lease."""
         with self._lock:
-            if self._held.get(claimed.task.id) is claimed:
-                del self._held[claimed.task.id]
-                self._finishing.discard(claimed.task.id)
+            self._forget(claimed)
 
-    def _on_finished(self, completion: Completion, outcome: queue.Outcome | None) -> None:
-        """The dispatcher wrote a completion (outcome None: it could not)."""
-        self._let_go(completion.claim)
-        if outcome is not None:
-            ending = Ending(result=completion.result)
-            self._report(completion.claim, outcome, ending, completion.duration)
+    def _forget(self, claimed: Claim) -> None:
+        # Called with self._lock held.
+        if self._held.get(claimed.task.id) is claimed:
+            del self._held[claimed.task.id]
+            self._finishing.discard(claimed.task.id)
+
+    def _on_finished(self, results: list[tuple[Completion, queue.Outcome | None]]) -> None:
+        """The dispatcher wrote a round of completions (outcome None: it could not). The tasks
+        completed are counted and logged together, a line a round: at thousands of tasks a
+        second a line per task cost a fifth of the instance's CPU."""
+        with self._lock:
+            for completion, _ in results:
+                self._forget(completion.claim)
+        completed: list[Completion] = []
+        for completion, outcome in results:
+            if outcome is None:
+                continue
+            if outcome.applied and outcome.status == TaskStatus.COMPLETED:
+                completed.append(completion)
+            else:
+                ending = Ending(result=completion.result)
+                self._report(completion.claim, outcome, ending, completion.duration)
+        if completed:
+            self._report_completed(completed)
+
+    def _report_completed(self, completed: list[Completion]) -> None:
+        self.processed_count += len(completed)
+        metrics.tasks_completed([c.duration for c in completed])
+        if len(completed) == 1:
+            task = completed[0].claim.task
+            log.info(
+                "task %d completed in %.3fs (attempt %d)",
+                task.id,
+                completed[0].duration,
+                task.attempts,
+                extra={"task_id": task.id},
+            )
+            return
+        log.info(
+            "%d tasks completed: %s",
+            len(completed),
+            ", ".join(
+                f"{c.claim.task.id} in {c.duration:.3f}s"
+                + (f" (attempt {c.claim.task.attempts})" if c.claim.task.attempts > 1 else "")
+                for c in completed
+            ),
+            extra={"task_ids": [c.claim.task.id for c in completed]},
+        )
 
     def _on_refused(self, completion: Completion, exc: Exception) -> None:
         """PostgreSQL refused a result encode_result() let through: retrying can't help, so
@@ -547,16 +588,6 @@ class Worker:
                 "active: back to pending for a continuation run",
                 task.id,
                 duration,
-                extra=extra,
-            )
-        elif ending.error is None:
-            self.processed_count += 1
-            metrics.task_completed(duration)
-            log.info(
-                "task %d completed in %.3fs (attempt %d)",
-                task.id,
-                duration,
-                task.attempts,
                 extra=extra,
             )
         else:

@@ -126,6 +126,13 @@ def status_counts(conn: psycopg.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
 
 
+def listen_to_events(conn: psycopg.Connection) -> None:
+    """LISTEN on taskapp_events as an instance with a stream does: PostgreSQL sends events
+    only while someone says it watches (taskapp_watch_events, migration 0011)."""
+    conn.execute("SELECT taskapp_watch_events(3600)")
+    conn.execute("LISTEN taskapp_events")
+
+
 class EventLog:
     """Every taskapp event, heard on a LISTEN connection of the test's own.
 
@@ -136,7 +143,7 @@ class EventLog:
 
     def __init__(self, database_url: str) -> None:
         self._conn = psycopg.connect(database_url, autocommit=True)
-        self._conn.execute("LISTEN taskapp_events")
+        listen_to_events(self._conn)
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 from flask.testing import FlaskClient
 
-from taskapp.events import EVENTS_CHANNEL
 from tests.api_helpers import assert_conversation_shape, assert_problem
+from tests.support import listen_to_events
 
 
 def create_task(client: FlaskClient, *contents: str) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def create_task(client: FlaskClient, *contents: str) -> dict[str, Any]:
 def with_event(database_url: str, request: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     """Make a request and return its response with the one event it published."""
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {EVENTS_CHANNEL}")
+        listen_to_events(listener)
         response = request()
         (notify,) = listener.notifies(timeout=5, stop_after=1)
     return response, json.loads(notify.payload)

@@ -21,6 +21,7 @@ from tests.api_helpers import (
     assert_problem,
     assert_task_shape,
 )
+from tests.support import listen_to_events
 
 SENTINEL = "test-sentinel"
 
@@ -29,7 +30,7 @@ SENTINEL = "test-sentinel"
 def listener(database_url: str) -> Iterator[psycopg.Connection]:
     """A connection listening to the event and wake-up channels."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+        listen_to_events(conn)
         conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
         yield conn
 

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from taskapp.events import Event, event_time
+from tests.support import listen_to_events
 
 # RFC 3339 in UTC with six fractional digits: the one format of an event's `at`.
 AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}\+00:00")
@@ -19,7 +20,7 @@ AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6
 @pytest.fixture
 def heard(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("LISTEN taskapp_events")
+        listen_to_events(conn)
         yield conn
 
 

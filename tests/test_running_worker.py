@@ -16,7 +16,6 @@ import pytest
 
 from taskapp import services
 from taskapp.database import Database
-from taskapp.events import EVENTS_CHANNEL
 from taskapp.processor import (
     OUTPUT_CHUNK_CHARACTERS,
     CancelReason,
@@ -25,7 +24,7 @@ from taskapp.processor import (
     LeaseLost,
     TaskSnapshot,
 )
-from tests.support import task_errors, task_row, wait_for
+from tests.support import listen_to_events, task_errors, task_row, wait_for
 from tests.test_worker import add_task, status_of
 
 
@@ -50,7 +49,7 @@ class Watch:
 @pytest.fixture
 def events(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+        listen_to_events(conn)
         yield conn
 
 

@@ -17,6 +17,11 @@ SELECT current_setting('autovacuum') = 'on' AS running;
 -- An empty NOTIFY on a channel, sent at once.
 SELECT pg_notify(:channel, '');
 
+-- name: announce_streams
+-- "A stream is open here": PostgreSQL sends events for :seconds more (the gate in front of
+-- taskapp_publish(), migration 0011), and every listener hears it on :channel.
+SELECT taskapp_watch_events(:seconds) AS until, pg_notify(:channel, '') AS notified;
+
 -- name: queue_counts
 -- Tasks by status, from the counts the triggers keep (cheap at any table size).
 SELECT status, CAST(sum(n) AS bigint) AS n FROM task_counts GROUP BY status;
