@@ -110,14 +110,23 @@ WITH finishing AS (
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => :lease_seconds),
         started_at = admitted.started_at,
-        claim_snapshot = (SELECT coalesce(jsonb_object_agg(CAST(v.id AS text), v.revision), '{}')
-                          FROM conversations AS v
-                          WHERE v.task_id = t.id AND v.status = 'active'),
+        claim_snapshot = coalesce(work.snapshot, '{}'),
         updated_at = now()
     FROM admitted
+    -- One look at the task's conversations for its snapshot and for what the processor gets.
+    CROSS JOIN LATERAL (
+        SELECT jsonb_object_agg(CAST(v.id AS text), v.revision)
+                   FILTER (WHERE v.status = 'active') AS snapshot,
+               CAST(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id)
+                        FILTER (WHERE v.status = 'active') AS text) AS conversations,
+               CAST(json_agg(json_build_object('id', v.id, 'result', v.result) ORDER BY v.id)
+                        FILTER (WHERE v.status = 'processed') AS text) AS processed
+        FROM conversations AS v
+        WHERE v.task_id = admitted.task_id
+    ) AS work
     WHERE t.id = admitted.task_id
     RETURNING t.id, t.title, t.description, t.priority, t.attempts, t.max_attempts, t.lease_token,
-              t.timeout_seconds, t.queue, t.concurrency_key
+              t.timeout_seconds, t.queue, t.concurrency_key, work.conversations, work.processed
 )
 SELECT CASE WHEN row_number() OVER () = 1
             THEN (SELECT CAST(coalesce(json_agg(json_build_object('id', id, 'status', status)),
@@ -125,15 +134,7 @@ SELECT CASE WHEN row_number() OVER () = 1
                   FROM completion) END AS finished,
        (SELECT count(*) FROM next) - (SELECT count(*) FROM admitted) AS refused,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts, c.lease_token,
-       c.timeout_seconds, c.queue, c.concurrency_key,
-       (SELECT CAST(json_agg(json_build_object('id', v.id, 'content', v.content) ORDER BY v.id)
-                    AS text)
-        FROM conversations AS v
-        WHERE v.task_id = c.id AND v.status = 'active') AS conversations,
-       (SELECT CAST(json_agg(json_build_object('id', v.id, 'result', v.result) ORDER BY v.id)
-                    AS text)
-        FROM conversations AS v
-        WHERE v.task_id = c.id AND v.status = 'processed') AS processed,
+       c.timeout_seconds, c.queue, c.concurrency_key, c.conversations, c.processed,
        CASE WHEN c.id IS NOT NULL AND (SELECT taskapp_events_watched())
             THEN taskapp_publish('task.claimed', c.id, 'processing', :instance_id) END AS notified
 FROM (SELECT 1) AS one
