@@ -97,11 +97,15 @@ class Dispatcher:
             self._maybe_ready = True
             self._cond.notify()
 
-    def slot_freed(self, queue_name: str, count: int = 1) -> None:
+    def slot_freed(
+        self, queue_name: str, count: int = 1, *, completion: Completion | None = None
+    ) -> None:
         """A work thread of this queue is free for another task (or a new one replaced an
-        abandoned one)."""
+        abandoned one), with the result of the task it ran to write, if any."""
         with self._cond:
             self._free[queue_name] += count
+            if completion is not None:
+                self._completions.append(completion)
             self._cond.notify()
 
     def complete(self, completion: Completion) -> None:

@@ -279,14 +279,20 @@ class Worker:
                 return  # a claim never started is still held: stop() hands it back
             task = claimed.task
             with tracing.task_span(task.id, task.queue, task.attempts):
-                self._process(claimed)
+                completion = self._process(claimed)
             with self._lock:
-                if me not in self._threads:
-                    return  # abandoned at a timeout: its slot went to a new thread
-            self.dispatcher.slot_freed(queue_name)
+                abandoned = me not in self._threads
+            if abandoned:
+                if completion is not None:
+                    self.dispatcher.complete(completion)
+                return  # abandoned at a timeout: its slot went to a new thread
+            # The result and the free slot in one hand-over: the next round writes one and
+            # claims for the other.
+            self.dispatcher.slot_freed(queue_name, completion=completion)
 
-    def _process(self, claimed: Claim) -> None:
-        """Run the task, then hand its result to the dispatcher or record how it failed."""
+    def _process(self, claimed: Claim) -> Completion | None:
+        """Run the task; return its result for the dispatcher to write, or record how it
+        failed (None)."""
         task = claimed.task
         extra = {"task_id": task.id}
         # DEBUG: at thousands of tasks a second, a line per claim costs real CPU; the
@@ -316,25 +322,25 @@ class Worker:
                     duration - (running.timeout_seconds or 0),
                     extra=extra,
                 )
-                return
+                return None
             if task.id in self._handed_back:
                 if self._held.get(task.id) is claimed:
                     del self._held[task.id]
                 log.info("task %d was handed back during shutdown", task.id, extra=extra)
-                return
+                return None
             self._finishing.add(task.id)
         reason = context.cancel_reason
         if reason in (CancelReason.CANCELLED, CancelReason.LEASE_LOST):
             self._let_go(claimed)
             log.info("task %d stopped (%s); nothing recorded", task.id, reason, extra=extra)
-            return
+            return None
         if reason == CancelReason.TIMEOUT:
             metrics.task_timed_out(abandoned=False)
             ending = Ending(error=self._timeout_error(running, stopped=True))
         if ending.error is None and ending.deferral is None:
-            self.dispatcher.complete(Completion(claimed, ending.result, duration))
-            return
+            return Completion(claimed, ending.result, duration)
         self._record_and_report(claimed, ending, duration)
+        return None
 
     def _record_and_report(self, claimed: Claim, ending: Ending, duration: float) -> None:
         """Write a failed or deferred attempt, let go of its claim, and log it."""
