@@ -67,9 +67,11 @@ def drain_taskapp(
     *,
     truncate: bool = True,
     conversations: int = 2,
+    poll: float = 0.1,
 ) -> DrainResult:
     """Start `instances` taskapp instances on an empty queue, then time a drain of `tasks`
-    (each with `conversations` conversations; bench/peers.py drains them with none)."""
+    (each with `conversations` conversations; bench/peers.py drains them with none), polling
+    every `poll` seconds for the end."""
     if truncate:
         truncate_tasks(url)
     with contextlib.ExitStack() as stack:
@@ -78,7 +80,7 @@ def drain_taskapp(
             stack.enter_context(server)
             server.start()
         ids = insert_tasks(url, tasks, conversations=conversations, wake=True)
-        seconds = wait_completed(url, ids, timeout=timeout)
+        seconds = wait_completed(url, ids, timeout=timeout, interval=poll)
     result = DrainResult("taskapp", instances, ids.count, seconds)
     log(f"taskapp x{instances} (concurrency {concurrency}): {result.rate:,.0f} tasks/s")
     return result
@@ -134,13 +136,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_drain_args(p: argparse.ArgumentParser) -> None:
+def add_drain_args(p: argparse.ArgumentParser, *, concurrency: int = 32) -> None:
     p.add_argument("--tasks", type=int, default=20_000)
     p.add_argument(
         "--concurrency",
         type=int,
-        default=int(os.environ.get("WORKER_CONCURRENCY") or 32),
-        help="WORKER_CONCURRENCY of each instance (default: $WORKER_CONCURRENCY or 32)",
+        default=int(os.environ.get("WORKER_CONCURRENCY") or concurrency),
+        help=f"WORKER_CONCURRENCY of each instance (default: $WORKER_CONCURRENCY or {concurrency})",
     )
     p.add_argument("--drain-timeout", type=float, default=600, help="seconds allowed per drain")
 

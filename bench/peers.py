@@ -9,7 +9,8 @@ Three drains of the same N tasks that do nothing, in the same run, each on a dat
 own on the same PostgreSQL, each with 2 worker processes, in `--rounds` rounds whose order
 alternates (taskapp, PgQueuer, procrastinate; then the reverse; ...); each figure is the
 median over the rounds:
-  1. taskapp: bench/drain.py's drain_taskapp() with 2 instances, on tasks with
+  1. taskapp: bench/drain.py's drain_taskapp() with 2 instances of `--concurrency` work slots
+     (default 100, as many tasks a claim as PgQueuer's batch below), on tasks with
      `--conversations` conversations (default 0: nothing for the processor to do);
   2. PgQueuer: `pgq install` and `pgq autovac`, then 2 x `pgq run bench.peers:pgqueuer_factory`
      (one asyncpg connection each, an entrypoint that returns at once); N jobs enqueued in one
@@ -22,12 +23,13 @@ median over the rounds:
      --concurrency 30` (its concurrency guide's example: async sub-workers per process), N jobs
      deferred with Task.batch_defer_async; done when all N jobs are `succeeded`.
 The clock runs from the commit of the load (taken in the process that made it) until the
-first poll that finds the load done (every 100 ms for taskapp, as in bench/drain.py; every
-20 ms for the peers, whose drains are shorter); every run starts its workers on an empty queue
-and waits until their connections are idle before it loads. Also reported: pgbench's own limit for
-a batched claim on taskapp's schema (bench/pgbench_claim.sql: 2 clients, claim and complete
-10 and 100 tasks per transaction; tasks/s = tps x batch). Targets: taskapp ≥ 1.2 x PgQueuer
-and ≥ 10 x procrastinate.
+first poll that finds the load done (every 20 ms for all three: the drains take about a
+second); every run starts its workers on an empty queue and waits until their connections
+are idle before it loads. Also reported: pgbench running taskapp's own claim statement
+(complete_and_claim from taskapp/sql/queue.sql, as the service runs it: generic plan, no JIT)
+with no Python at all, 2 clients completing and claiming 10 and 100 tasks per transaction
+(tasks/s = tps x batch): the database's own limit. Targets: taskapp ≥ 1.2 x PgQueuer and
+≥ 10 x procrastinate.
 
 The peers are installed from the package index, at the versions pinned in
 bench/requirements-peers.txt, into a venv of their own (bench/.venv-peers, made on the first run
@@ -74,17 +76,17 @@ from bench.drain import DrainResult, add_drain_args, drain_taskapp
 
 PEERS_VENV = BENCH_DIR / ".venv-peers"
 PEERS_REQUIREMENTS = BENCH_DIR / "requirements-peers.txt"
-PGBENCH_SCRIPT = BENCH_DIR / "pgbench_claim.sql"
 PEER_PACKAGES = ("pgqueuer", "asyncpg", "typer", "procrastinate", "psycopg")
 INSTALL_FAILED = 3  # exit code when the peers can't be installed
 PROCESSES = 2  # worker processes per system: taskapp's 2 instances, 2 consumers, 2 workers
 NOOP = "noop"  # the entrypoint / task name of the peers' no-op job
 DSN_ENV = "BENCH_PEERS_DSN"  # how a peer process is told its database
 TARGETS = {"PgQueuer": 1.2, "procrastinate": 10.0}  # taskapp ≥ target x peer
-# The peers' done-poll. taskapp's drain polls every 100 ms (bench/common.py), a small share of
-# its ~20 s; PgQueuer drains 20,000 jobs in about a second, where a 100 ms poll would cost it
-# up to 10 %, so its figure would lean in taskapp's favour. The probe is one LIMIT 1 query.
+# The done-poll of all three drains. 20,000 jobs drain in about a second, where a 100 ms poll
+# (bench/drain.py's) would cost up to 10 %. The probe is one LIMIT 1 query.
 PEER_POLL_SECONDS = 0.02
+# How pgbench runs the claim: as the service does (taskapp.database: no JIT, generic plan).
+PGBENCH_OPTIONS = "-c jit=off -c plan_cache_mode=force_generic_plan"
 
 
 class PeersUnavailable(BenchError):
@@ -425,32 +427,70 @@ def pgbench_path() -> str:
     return found
 
 
+def pgbench_script() -> str:
+    """taskapp's own claim statement as a pgbench script: each transaction completes the
+    client's previous batch (the ids and lease tokens it kept with \\gset) and claims the next
+    :limits of the default queue; its answer is read whole, as the dispatcher reads it."""
+    # Here, not at the top: the peers' processes import this module in their own venv.
+    from taskapp.statements import statement
+
+    text = re.sub(r"%\((\w+)\)s", r":\1", statement("complete_and_claim")).replace("%%", "%")
+    no_results = (
+        "array_fill(NULL::text, ARRAY[coalesce(cardinality(CAST(:task_ids AS bigint[])), 0)])"
+    )
+    text = text.replace("CAST(:results AS text[])", no_results)
+    for name, value in {":instance_id": "'pgbench'", ":queues": "'{default}'"}.items():
+        text = text.replace(name, value)
+    text = text.replace(":lease_seconds", "30").strip().rstrip(";")
+    head, answer = text.split("\nSELECT CASE WHEN row_number()")
+    answer = re.sub(r"\nORDER BY [^\n]*$", "", "SELECT CASE WHEN row_number()" + answer)
+    return (
+        f"{head}, answer AS ({answer})\n"
+        "SELECT coalesce(array_agg(id) FILTER (WHERE id IS NOT NULL), '{}') AS task_ids,\n"
+        "       coalesce(array_agg(lease_token) FILTER (WHERE id IS NOT NULL), '{}')"
+        " AS lease_tokens,\n"
+        "       sum(coalesce(length(finished), 0) + coalesce(length(conversations), 0)"
+        " + coalesce(length(processed), 0)) AS read\n"
+        "FROM answer\n\\gset\n"
+    )
+
+
 def pgbench_claim(
     url: str, batch: int, seconds: int, conversations: int, start: int = 50_000
 ) -> PgbenchResult:
-    """pgbench_claim.sql at `batch` tasks per transaction, 2 clients, `seconds` s. The queue
+    """The claim statement at `batch` tasks per transaction, 2 clients, `seconds` s. The queue
     must not run dry (a claim of nothing is cheap and would inflate tps): it is loaded with
     `start` pending tasks, and with 4 times as many again until some are left at the end."""
     preload = start
-    for _ in range(5):
-        truncate_tasks(url)
-        insert_tasks(url, preload, conversations=conversations, wake=False)
-        cmd = [pgbench_path(), "-n", "-M", "prepared", "-c", str(PROCESSES)]
-        cmd += ["-j", str(PROCESSES), "-T", str(seconds), "-f", str(PGBENCH_SCRIPT)]
-        cmd += ["-D", f"batch={batch}", "-D", "ids={}", "-D", "tokens={}", url]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-        tps = re.search(r"^tps = ([\d.]+)", done.stdout, re.M)
-        failed = re.search(r"^number of failed transactions: (\d+)", done.stdout, re.M)
-        if done.returncode != 0 or tps is None or (failed and int(failed.group(1))):
-            raise BenchError(f"pgbench failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        with connect(url) as conn:
-            left = conn.execute("SELECT count(*) FROM tasks WHERE status = 'pending'").fetchone()[0]  # type: ignore[index]
-        if left > 0:
-            result = PgbenchResult(batch, float(tps.group(1)), seconds, preload)
-            log(f"pgbench batch {batch}: {result.tps:,.0f} tps, {result.rate:,.0f} tasks/s")
-            return result
-        log(f"pgbench batch {batch}: {preload:,} tasks ran out; loading {4 * preload:,}")
-        preload *= 4
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", prefix="bench-claim-") as script:
+        script.write(pgbench_script())
+        script.flush()
+        for _ in range(5):
+            truncate_tasks(url)
+            insert_tasks(url, preload, conversations=conversations, wake=False)
+            cmd = [pgbench_path(), "-n", "-M", "prepared", "-c", str(PROCESSES)]
+            cmd += ["-j", str(PROCESSES), "-T", str(seconds), "-f", script.name]
+            cmd += ["-D", f"limits={{{batch}}}", "-D", "task_ids={}", "-D", "lease_tokens={}"]
+            env = {**os.environ, "PGOPTIONS": PGBENCH_OPTIONS}
+            done = subprocess.run(
+                [*cmd, url], capture_output=True, text=True, timeout=seconds + 120, env=env
+            )
+            tps = re.search(r"^tps = ([\d.]+)", done.stdout, re.M)
+            failed = re.search(r"^number of failed transactions: (\d+)", done.stdout, re.M)
+            if done.returncode != 0 or tps is None or (failed and int(failed.group(1))):
+                raise BenchError(
+                    f"pgbench failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+                )
+            with connect(url) as conn:
+                left = conn.execute(
+                    "SELECT count(*) FROM tasks WHERE status = 'pending'"
+                ).fetchone()[0]  # type: ignore[index]
+            if left > 0:
+                result = PgbenchResult(batch, float(tps.group(1)), seconds, preload)
+                log(f"pgbench batch {batch}: {result.tps:,.0f} tps, {result.rate:,.0f} tasks/s")
+                return result
+            log(f"pgbench batch {batch}: {preload:,} tasks ran out; loading {4 * preload:,}")
+            preload *= 4
     raise BenchError(f"pgbench batch {batch}: the queue still ran dry with {preload:,} tasks")
 
 
@@ -509,6 +549,7 @@ def run(args: argparse.Namespace) -> int:
                 args.concurrency,
                 args.drain_timeout,
                 conversations=args.conversations,
+                poll=PEER_POLL_SECONDS,
             ),
             **{
                 peer.name: (lambda peer=peer: drain_peer(peer, tasks, args.drain_timeout))  # type: ignore[misc]
@@ -562,7 +603,7 @@ def report(
     for result in pgbench:
         rows.append(
             [
-                f"pgbench_claim.sql, {result.batch} per transaction, {PROCESSES} clients",
+                f"pgbench, the claim, {result.batch} per transaction, {PROCESSES} clients",
                 f"{result.preloaded:,} loaded",
                 float(result.seconds),
                 result.rate,
@@ -581,8 +622,9 @@ def report(
     for peer in peers:
         print(f"- {peer.name}: {peer.settings}.")
     print(
-        f"- pgbench: claim and complete a batch per transaction on taskapp's schema "
-        f"({PGBENCH_SCRIPT.name}), {seconds} s each, tasks/s = tps x batch."
+        f"- pgbench: taskapp's complete_and_claim (taskapp/sql/queue.sql) completing and "
+        f"claiming a batch per transaction, generic plan, no JIT, {seconds} s each, tasks/s = "
+        "tps x batch."
     )
     print("- peers' venv: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     print(flush=True)
@@ -590,7 +632,7 @@ def report(
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=3600)
-    add_drain_args(p)
+    add_drain_args(p, concurrency=100)
     p.add_argument(
         "--rounds", type=int, default=None, help="rounds of the 3 drains (default 3, --quick 1)"
     )

@@ -79,7 +79,7 @@ def test_peers_benchmark_runs_in_quick_mode(server_url: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "### Peers: drain of" in done.stdout, done.stdout[-3000:]
-    for row in ("taskapp, 2 instances", "PgQueuer ", "procrastinate ", "pgbench_claim.sql"):
+    for row in ("taskapp, 2 instances", "PgQueuer ", "procrastinate ", "pgbench, the claim"):
         assert row in done.stdout, (row, done.stdout[-3000:])
 
 
