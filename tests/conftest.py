@@ -130,9 +130,6 @@ def _clean_tables(request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue("database_url")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-        # Nobody watches the events: a test that needs them opens a stream, or says so
-        # (tests.support.listen_to_events), as the instances do (migration 0011).
-        conn.execute("UPDATE event_watch SET watched_until = '-infinity'")
 
 
 @pytest.fixture

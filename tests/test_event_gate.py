@@ -18,6 +18,13 @@ from tests.test_worker import add_task
 SENTINEL = "test-sentinel"
 
 
+@pytest.fixture(autouse=True)
+def nobody_watches(db_conn: psycopg.Connection) -> None:
+    """The gate as a fresh database has it, whatever an earlier test's stream opened. (Only
+    here: an instance of a module's own, still listening, would not know it was closed.)"""
+    db_conn.execute("UPDATE event_watch SET watched_until = '-infinity'")
+
+
 @pytest.fixture
 def heard(database_url: str) -> Iterator[psycopg.Connection]:
     """Listens to events and wake-ups, without saying it watches."""

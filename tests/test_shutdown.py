@@ -34,12 +34,18 @@ def insert_task(db_conn: psycopg.Connection, title: str) -> int:
     return task_id
 
 
-def test_sigterm_lets_a_task_within_the_grace_period_finish(instances, db_conn):
+def test_sigterm_lets_a_task_within_the_grace_period_finish(instances, db_conn, tmp_path):
+    started_file = tmp_path / "started"
     instance = instances(
-        TASK_PROCESSOR="tests.processors:slow", TEST_PROCESSOR_SECONDS=2, SHUTDOWN_GRACE_SECONDS=5
+        TASK_PROCESSOR="tests.processors:slow",
+        TEST_PROCESSOR_SECONDS=2,
+        TEST_PROCESSOR_RECORD=started_file,
+        SHUTDOWN_GRACE_SECONDS=5,
     )
     task = create_task(instance.url, "finishes in time")
     wait_processing(db_conn, task["id"])
+    # Running, not only claimed: a claim no work thread has started yet is handed back.
+    wait_for(lambda: started_file.exists() and started_file.read_text(), what="the processor")
 
     started = time.monotonic()
     instance.signal_master(signal.SIGTERM)

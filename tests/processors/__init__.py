@@ -28,7 +28,11 @@ def fail_when_titled_fail(task: TaskSnapshot) -> None:
 
 
 def slow(task: TaskSnapshot) -> None:
-    """Sleep TEST_PROCESSOR_SECONDS (default 5): time to kill or pause an instance mid-task."""
+    """Sleep TEST_PROCESSOR_SECONDS (default 5): time to kill or pause an instance mid-task.
+    With TEST_PROCESSOR_RECORD, first append the task's id to that file: it has started."""
+    if record := os.environ.get("TEST_PROCESSOR_RECORD"):
+        with open(record, "a") as file:
+            file.write(f"{task.id}\n")
     time.sleep(float(os.environ.get("TEST_PROCESSOR_SECONDS", "5")))
 
 
