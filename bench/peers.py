@@ -10,7 +10,7 @@ own on the same PostgreSQL, each with 2 worker processes, in `--rounds` rounds w
 alternates (taskapp, PgQueuer, procrastinate; then the reverse; ...); each figure is the
 median over the rounds:
   1. taskapp: bench/drain.py's drain_taskapp() with 2 instances of `--concurrency` work slots
-     (default 100, as many tasks a claim as PgQueuer's batch below), on tasks with
+     (default 200: hundreds in flight, a claim of up to 200 tasks), on tasks with
      `--conversations` conversations (default 0: nothing for the processor to do);
   2. PgQueuer: `pgq install` and `pgq autovac`, then 2 x `pgq run bench.peers:pgqueuer_factory`
      (one asyncpg connection each, an entrypoint that returns at once); N jobs enqueued in one
@@ -632,7 +632,7 @@ def report(
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=3600)
-    add_drain_args(p, concurrency=100)
+    add_drain_args(p, concurrency=200)
     p.add_argument(
         "--rounds", type=int, default=None, help="rounds of the 3 drains (default 3, --quick 1)"
     )
