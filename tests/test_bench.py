@@ -1,10 +1,11 @@
-"""The benchmarks still run: every script of bench/ end to end, in its quick mode.
+"""The benchmarks still run: every script of bench/ end to end, in its quick mode (three at a
+time: nothing is timed), and bench/run_all.sh around them.
 
 Not a timed test: nothing here asserts a speed. It catches a benchmark that no longer starts,
 drains or finds what it measures after a change elsewhere (the growth script once looked for a
 queue statement that a refactoring had removed). Needs wrk, which ./test.sh installs when
 missing; without it the test fails, saying so. bench/peers.py has a test of its own: it needs
-its peers installed from the package index, and is skipped, saying why, when that can't be
+its peers installed from the package index, and fails, saying why, when that can't be
 reached. bench/live_output.py has one too, a few seconds long, that checks every chunk arrived
 in order.
 """
@@ -15,34 +16,72 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = [
-    "### HTTP, one instance vs. hello world",
-    "### Queue drain of",
-    "### Flow control: drain of",
-    "### Pickup latency",
-    "### Growth:",
-    "#### Claim plan with",
-    "### Memory (VmRSS) of one instance",
-    "### Drain of 1,000 tasks while 10,000 expired ones are pruned",
-    "### Sustained drain, 2 instances",
-]
+# Each benchmark of bench/run_all.sh (but those with tests of their own, below) and the tables
+# its quick run must print.
+TABLES = {
+    "http": ["### HTTP, one instance vs. hello world"],
+    "drain": ["### Queue drain of"],
+    "flow": ["### Flow control: drain of"],
+    "pickup": ["### Pickup latency"],
+    "growth": ["### Growth:", "#### Claim plan with"],
+    "memory": ["### Memory (VmRSS) of one instance"],
+    "retention": ["### Drain of 1,000 tasks while 10,000 expired ones are pruned"],
+    "sustained": ["### Sustained drain, 2 instances"],
+}
+# Quick runs at once: nothing here is timed, and each has a database (and ports) of its own.
+# One after another they took 2 min 15 s of the suite.
+AT_ONCE = 3
+# What run_all.sh itself is tested with: its loop, BENCH_SKIP and the saved tables.
+RUN_ALL_WITH = "drain"
+SKIPPED_BY_RUN_ALL = [name for name in TABLES if name != RUN_ALL_WITH]
 
 
-def test_every_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> None:
+def _bench_env(server_url: str) -> dict[str, str]:
+    return {**os.environ, "BENCH_PG_URL": server_url}
+
+
+def _quick(name: str, server_url: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=ROOT,
+        env=_bench_env(server_url),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return name, done
+
+
+@pytest.fixture
+def wrk() -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk not found (apt-get install -y wrk): the benchmarks can't run")
+
+
+@pytest.mark.usefixtures("wrk")
+def test_every_benchmark_runs_in_quick_mode(server_url: str) -> None:
+    names = [name for name in TABLES if name != RUN_ALL_WITH]
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        runs = list(pool.map(lambda name: _quick(name, server_url), names))
+    for name, done in runs:
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        for table in TABLES[name]:
+            assert table in done.stdout, (name, table, done.stdout[-3000:])
+
+
+@pytest.mark.usefixtures("wrk")
+def test_run_all_runs_each_benchmark_and_saves_its_tables(server_url: str, tmp_path: Path) -> None:
     env = {
-        **os.environ,
-        "BENCH_PG_URL": server_url,
+        **_bench_env(server_url),
         "BENCH_RESULTS_DIR": str(tmp_path),
         "PYTHON": sys.executable,
-        # Each has a test of its own below.
-        "BENCH_SKIP": "peers live_output inflight",
+        "BENCH_SKIP": " ".join([*SKIPPED_BY_RUN_ALL, "peers", "live_output", "inflight"]),
     }
     done = subprocess.run(
         [str(ROOT / "bench" / "run_all.sh"), "--quick"],
@@ -53,8 +92,10 @@ def test_every_benchmark_runs_in_quick_mode(server_url: str, tmp_path: Path) -> 
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for table in TABLES:
+    for table in TABLES[RUN_ALL_WITH]:
         assert table in done.stdout, (table, done.stdout[-3000:])
+    for name in SKIPPED_BY_RUN_ALL:
+        assert f"bench.{name} skipped (BENCH_SKIP)" in done.stderr
     (saved,) = tmp_path.glob("*-quick.md")
     assert saved.read_text() == done.stdout
 
