@@ -296,6 +296,7 @@ def insert_tasks(
         "conversation_status": "processed" if completed else "active",
     }
     with connect(url, autocommit=False) as conn:
+        before = conn.execute(_FINISHED).fetchone()[0]  # type: ignore[index]
         first, last = conn.execute(statement, params).fetchone()  # type: ignore[misc]
         # As autovacuum soon would after a bulk load: plans see the table's real size.
         # (ANALYZE counts the rows this transaction inserted.)
@@ -303,7 +304,6 @@ def insert_tasks(
             conn.execute("ANALYZE tasks, conversations")
         if wake and not completed:
             conn.execute("SELECT pg_notify('taskapp_wakeup', '')")
-        before = conn.execute(_FINISHED).fetchone()[0] - (n if completed else 0)  # type: ignore[index]
         conn.commit()
         committed_at = time.perf_counter()
     return IdRange(first, last, committed_at, before)

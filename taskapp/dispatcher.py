@@ -108,12 +108,6 @@ class Dispatcher:
                 self._completions.append(completion)
             self._cond.notify()
 
-    def complete(self, completion: Completion) -> None:
-        """Write this completion soon (with the next batch)."""
-        with self._cond:
-            self._completions.append(completion)
-            self._cond.notify()
-
     def stop_claiming(self) -> None:
         with self._cond:
             self._claiming = False

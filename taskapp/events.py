@@ -432,8 +432,7 @@ class Listener:
         if self.listening_to_events.is_set():
             # Listening while another instance's streams last: this one says so now, before
             # the gate that instance opened closes on this stream.
-            if time.monotonic() - self._announced_at >= ANNOUNCE_SECONDS:
-                self._announce()
+            self._announce_if_due()
             return True
         try:
             self.database.notify(self.control_channel)
@@ -513,8 +512,7 @@ class Listener:
         now = time.monotonic()
         if self.broker.receiving > 0:
             self._keep_until = now + LINGER_SECONDS
-            if now - self._announced_at >= ANNOUNCE_SECONDS:
-                self._announce()
+            self._announce_if_due()
         wanted = now < self._keep_until
         if wanted and not self.listening_to_events.is_set():
             self.database.listen(conn, EVENTS_CHANNEL)
@@ -529,10 +527,14 @@ class Listener:
             self.listening_to_events.clear()
             self.broker.lost_events(tell_streams=False)
 
-    def _announce(self) -> None:
-        """Say that a stream is open here: events flow, and every instance keeps them, for
-        LINGER_SECONDS more. Done before a first stream starts, so it misses nothing."""
-        self._announced_at = time.monotonic()
+    def _announce_if_due(self) -> None:
+        """Say, unless said within ANNOUNCE_SECONDS, that a stream is open here: events flow,
+        and every instance keeps them, for LINGER_SECONDS more. Done before a first stream
+        starts, so it misses nothing."""
+        now = time.monotonic()
+        if now - self._announced_at < ANNOUNCE_SECONDS:
+            return
+        self._announced_at = now
         try:
             self.database.fetch(
                 "announce_streams", {"seconds": LINGER_SECONDS, "channel": STREAMS_CHANNEL}

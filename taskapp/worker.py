@@ -281,11 +281,10 @@ class Worker:
             with tracing.task_span(task.id, task.queue, task.attempts):
                 completion = self._process(claimed)
             with self._lock:
-                abandoned = me not in self._threads
-            if abandoned:
-                if completion is not None:
-                    self.dispatcher.complete(completion)
-                return  # abandoned at a timeout: its slot went to a new thread
+                if me not in self._threads:
+                    # Abandoned at a timeout (so _process returned no completion): its slot
+                    # went to a new thread.
+                    return
             # The result and the free slot in one hand-over: the next round writes one and
             # claims for the other.
             self.dispatcher.slot_freed(queue_name, completion=completion)

@@ -18,7 +18,8 @@ taskapp_watch_events(seconds) first, as the instances do. Without its row the ga
 open: events are never lost to a missing row, only sent in vain.
 """
 
-from alembic import op
+from alembic import context, op
+from alembic.script import ScriptDirectory
 
 revision = "0011"
 down_revision = "0010"
@@ -69,25 +70,10 @@ END
 $$
 """
 
-# Revision 0009's function, as it was.
-_UNGATED_PUBLISH = f"""
-CREATE OR REPLACE FUNCTION {_SIGNATURE}
-DECLARE
-    event_id bigint := nextval('taskapp_event_ids');
-    at text := {_AT};
-    event json := {_EVENT_CASE};
-BEGIN
-    IF data IS NOT NULL THEN
-        PERFORM pg_notify('taskapp_events', {_MERGED});
-    ELSE
-        PERFORM pg_notify('taskapp_events', event::text);
-    END IF;
-    IF status = 'pending' AND run_after <= now() + interval '1 hour' THEN
-        PERFORM pg_notify('taskapp_wakeup', '');
-    END IF;
-END
-$$
-"""
+def _publish_of_revision_0009() -> str:
+    """The function as revision 0009 made it, from that revision's own script."""
+    scripts = ScriptDirectory.from_config(context.config)
+    return scripts.get_revision("0009").module._publish(with_ids=True)
 
 
 def upgrade():
@@ -115,7 +101,7 @@ def upgrade():
 
 
 def downgrade():
-    op.execute(_UNGATED_PUBLISH)
+    op.execute(_publish_of_revision_0009())
     op.execute("DROP FUNCTION taskapp_watch_events(double precision)")
     op.execute("DROP FUNCTION taskapp_events_watched()")
     op.execute("DROP TABLE event_watch")
