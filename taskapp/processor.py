@@ -174,8 +174,11 @@ class Context:
         self._writes = writes
         self._result_max_bytes = result_max_bytes
         self._ids = frozenset(c.id for c in task.conversations)
-        self._cancelled = threading.Event()
+        # The flag is the reason; the Event exists only once a processor waits on it: most
+        # attempts never do, and at thousands a second an Event apiece cost real CPU.
         self._cancel_reason: str | None = None
+        self._cancel_lock = threading.Lock()
+        self._cancelled: threading.Event | None = None
         self._output_seq: dict[int, int] = {}
 
     @property
@@ -240,7 +243,7 @@ class Context:
         """True once the attempt should stop: the task was cancelled, ran past its timeout,
         lost its lease, or the instance's shutdown grace ended. What the processor returns
         afterwards is not recorded; checkpoints made before are kept."""
-        return self._cancelled.is_set()
+        return self._cancel_reason is not None
 
     @property
     def cancel_reason(self) -> str | None:
@@ -249,18 +252,28 @@ class Context:
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking at once when the flag is set; True if it is."""
-        return self._cancelled.wait(seconds)
+        with self._cancel_lock:
+            if self._cancelled is None:
+                self._cancelled = threading.Event()
+                if self._cancel_reason is not None:
+                    self._cancelled.set()
+            cancelled = self._cancelled
+        return cancelled.wait(seconds)
 
     def raise_if_cancelled(self) -> None:
         """Raise Cancelled when the flag is set (a convenient check between steps)."""
-        if self._cancelled.is_set():
+        if self._cancel_reason is not None:
             raise Cancelled(f"task {self._task.id}: {self._cancel_reason}")
 
     def cancel(self, reason: str) -> None:
         """Set the flag (the worker calls it); the first reason given stays."""
-        if not self._cancelled.is_set():
+        with self._cancel_lock:
+            if self._cancel_reason is not None:
+                return
             self._cancel_reason = reason
-            self._cancelled.set()
+            cancelled = self._cancelled
+        if cancelled is not None:
+            cancelled.set()
 
     def _check_conversation(self, conversation_id: int) -> None:
         if conversation_id not in self._ids:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,10 +35,11 @@ def retry_delay(base_seconds: float, attempt: int) -> float:
 
 @dataclass(frozen=True)
 class Claim:
-    """A task leased to this instance; lease_token fences every write about it."""
+    """A task leased to this instance; lease_token (a UUID, in PostgreSQL's text form) fences
+    every write about it."""
 
     task: TaskSnapshot
-    lease_token: uuid.UUID
+    lease_token: str
     max_attempts: int
 
 
@@ -103,8 +103,8 @@ def complete_and_claim_many(
     """Complete many tasks, each fenced by its own lease token, and claim up to limits[queue]
     more of each queue, in one statement."""
     params = {
-        "task_ids": [claimed.task.id for claimed, _ in completions],
-        "lease_tokens": [claimed.lease_token for claimed, _ in completions],
+        "task_ids": _array(claimed.task.id for claimed, _ in completions),
+        "lease_tokens": _array(claimed.lease_token for claimed, _ in completions),
         "results": [result for _, result in completions],
         "instance_id": instance_id,
         "queues": list(limits),
@@ -218,6 +218,13 @@ def defer(
     return Outcome(applied=True, status="pending" if row.deferred else None)
 
 
+def _array(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of ids or lease tokens (neither needs quoting), for a
+    parameter the statement casts: joining text costs a tenth of adapting a list element by
+    element, at hundreds of elements a dispatcher round."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def _claims(rows: list[Any]) -> list[Claim]:
     return [
         Claim(
@@ -294,7 +301,7 @@ def take_back_unheld(database: Database, held: list[Claim], *, instance_id: str)
     after its commit), given every claim it does hold; return their ids."""
     rows = database.fetch(
         "take_back_unheld",
-        {"instance_id": instance_id, "lease_tokens": [c.lease_token for c in held]},
+        {"instance_id": instance_id, "lease_tokens": _array(c.lease_token for c in held)},
     )
     return [row.id for row in rows]
 
@@ -312,8 +319,8 @@ def renew_leases(database: Database, held: list[Claim], *, lease_seconds: float)
     rows = database.fetch(
         "renew_leases",
         {
-            "task_ids": [c.task.id for c in held],
-            "lease_tokens": [c.lease_token for c in held],
+            "task_ids": _array(c.task.id for c in held),
+            "lease_tokens": _array(c.lease_token for c in held),
             "lease_seconds": lease_seconds,
         },
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import requests
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from taskapp import metrics
 from tests.support import create_task, wait_for
 
 
@@ -77,3 +79,34 @@ def test_failures_and_retries_are_counted(instances, db_conn):
     assert total(samples, "taskapp_tasks_retried_total") == 1
     assert total(samples, "taskapp_tasks_failed_total") == 1
     assert total(samples, "taskapp_queue_tasks", status="failed") == 1
+
+
+def test_observe_many_counts_as_observe_does():
+    """metrics.observe_many writes straight to the histogram's buckets: the same exposition as
+    one observe() per amount, bucket edges and the +Inf bucket included."""
+    amounts = [0.0, 0.004, 0.01, 0.0100001, 0.05, 0.3, 1, 7.5, 299.9, 300, 301, 5000, 0.01]
+    texts = []
+    for fill in ("observe", "observe_many"):
+        registry = CollectorRegistry()
+        histogram = Histogram(
+            "taskapp_test_seconds",
+            "test",
+            ["outcome"],
+            buckets=(0.01, 0.05, 1, 300),
+            registry=registry,
+        ).labels("completed")
+        if fill == "observe":
+            for amount in amounts:
+                histogram.observe(amount)
+        else:
+            metrics.observe_many(histogram, amounts)
+        texts.append(
+            "\n".join(
+                line
+                for line in generate_latest(registry).decode().splitlines()
+                if "_created" not in line
+            )
+        )
+    assert texts[0] == texts[1]
+    assert 'taskapp_test_seconds_bucket{le="0.01",outcome="completed"} 4.0' in texts[1]
+    assert 'taskapp_test_seconds_count{outcome="completed"} 13.0' in texts[1]

@@ -59,7 +59,7 @@ def test_claim_returns_a_snapshot_with_conversations(database, db_conn):
     row = task_row(db_conn, task_id)
     assert row["status"] == "processing"
     assert row["processing_instance_id"] == "instance-a"
-    assert row["lease_token"] == claimed.lease_token
+    assert str(row["lease_token"]) == claimed.lease_token
 
 
 def test_concurrent_claims_never_share_a_task(database, db_conn):
@@ -121,7 +121,7 @@ def test_complete_marks_conversations_processed(database, db_conn):
 def test_a_stale_token_cannot_complete_or_fail(database, db_conn):
     task_id = add_task(db_conn)
     claimed = claim_one(database)
-    stale = queue.Claim(task=claimed.task, lease_token=uuid.uuid4(), max_attempts=3)
+    stale = queue.Claim(task=claimed.task, lease_token=str(uuid.uuid4()), max_attempts=3)
     assert not queue.complete(database, stale, instance_id="a").applied
     assert not queue.fail(database, stale, instance_id="a", error="x", retry_base_seconds=0).applied
     assert task_row(db_conn, task_id)["status"] == "processing"
