@@ -4,8 +4,10 @@ At start, with AUTO_MIGRATE on, the master connects to the database once: if it 
 so in one line and exits 3 before any worker is forked (a worker that still finds it
 unreachable says the same and exits 3, which makes gunicorn stop instead of forking another).
 
-post_fork starts the instance's background worker; SIGTERM stops its claiming at once (and,
-for DRAIN_SECONDS, the instance goes on serving requests, /readyz saying it is draining);
+With CPU_AFFINITY, pre_fork picks each worker's CPU and post_fork pins the worker to it before
+anything else (taskapp/affinity.py). post_fork starts the instance's background worker;
+SIGTERM stops its claiming at once (and, for DRAIN_SECONDS, the instance goes on serving
+requests, /readyz saying it is draining);
 worker_exit lets the running task finish within SHUTDOWN_GRACE_SECONDS or hands it back,
 then ends the process at once.
 """
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import threading
 
-from taskapp import DatabaseUnreachable, logs, probe_database, tracing
+from taskapp import DatabaseUnreachable, affinity, logs, probe_database, tracing
 from taskapp.config import ConfigError, Settings
 
 # gunicorn's exit status for a worker that failed to boot: it stops rather than fork again.
@@ -69,9 +71,20 @@ def on_starting(server):
         sys.exit(BOOT_ERROR)
 
 
+def pre_fork(server, worker):
+    if _settings.cpu_affinity:
+        taken = (getattr(w, "taskapp_cpu", None) for w in server.WORKERS.values())
+        worker.taskapp_cpu = affinity.choose(_settings.cpu_affinity, taken)
+
+
 def post_fork(server, worker):
     from taskapp import runtime
 
+    cpu = getattr(worker, "taskapp_cpu", None)
+    if cpu is not None:
+        # First: every thread the instance starts from here on inherits it.
+        affinity.pin(cpu)
+        logging.getLogger("taskapp").info("worker process pinned to CPU %d (CPU_AFFINITY)", cpu)
     try:
         app = worker.app.wsgi()  # loads wsgi:app now; gunicorn reuses the same object later
     except DatabaseUnreachable as exc:

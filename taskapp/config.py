@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import affinity
+
 DEFAULT_DATABASE_URL = "postgresql+psycopg://user:password@localhost:5432/taskdb"
 DEFAULT_QUEUE = "default"
 # A queue's name: what tasks, WORKER_QUEUES and the /queues API accept.
@@ -186,6 +188,9 @@ class Settings:
     # OpenTelemetry span exporters ("otlp", "console"), from the standard OTEL_* variables;
     # empty: no tracing (taskapp.tracing imports nothing of OpenTelemetry then).
     traces_exporters: tuple[str, ...] = ()
+    # CPU_AFFINITY: the CPUs gunicorn's worker processes are pinned to, one each in turn
+    # (taskapp.affinity); empty: the OS places them.
+    cpu_affinity: tuple[int, ...] = ()
     instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @classmethod
@@ -249,6 +254,11 @@ class Settings:
             if log_format not in {"text", "json"}:
                 raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
             values["log_format"] = log_format
+        if (raw := get("CPU_AFFINITY")) is not None:
+            try:
+                values["cpu_affinity"] = affinity.parse(raw)
+            except affinity.AffinityError as exc:
+                raise ConfigError(str(exc)) from None
         values["traces_exporters"] = _parse_traces_exporters(get)
         return cls(**values).validated()
 
