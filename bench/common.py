@@ -133,6 +133,15 @@ def parser(description: str, *, default_timeout: int) -> argparse.ArgumentParser
     return p
 
 
+def add_pin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin each server process, taskapp's (CPU_AFFINITY) and its baseline's (taskset) "
+        "alike, to a CPU of its own (pinned_cpu)",
+    )
+
+
 def main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
     """Run a benchmark with a hard time limit; SIGTERM/SIGINT/timeout still clean up."""
 
@@ -414,6 +423,9 @@ class Server:
     cwd: Path = TASKAPP_ROOT
     python: Path = Path(sys.executable)
     port: int = field(default_factory=free_port)
+    # --pin: the whole process tree on this CPU (taskset), for a baseline pinned as taskapp is
+    # by its own CPU_AFFINITY.
+    cpu: int | None = None
     process: GunicornProcess | None = field(default=None, init=False, repr=False)
 
     @property
@@ -427,24 +439,30 @@ class Server:
     def start(self, timeout: float = 60.0) -> Server:
         fd, path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
         os.close(fd)
-        # Its own session: the bench's Ctrl-C is turned into a clean stop, and stop() can
-        # kill every worker of the group afterwards.
-        self.process = GunicornProcess(
-            self.port,
-            self.env,
-            config=self.config,
-            app=self.app,
-            cwd=self.cwd,
-            log_path=Path(path),
-            own_session=True,
-            name=self.name,
-            python=self.python,
-        ).start()
+        self.process = self.make_process(Path(path))
+        if self.cpu is not None:
+            self.process.command = ["taskset", "-c", str(self.cpu), *self.process.command]
+        self.process.start()
         try:
             self.process.wait_ready(self.ready_paths, timeout=timeout)
         except GunicornError as exc:
             raise BenchError(str(exc)) from None
         return self
+
+    def make_process(self, log_path: Path) -> GunicornProcess:
+        # Its own session: the bench's Ctrl-C is turned into a clean stop, and stop() can
+        # kill every worker of the group afterwards.
+        return GunicornProcess(
+            self.port,
+            self.env,
+            config=self.config,
+            app=self.app,
+            cwd=self.cwd,
+            log_path=log_path,
+            own_session=True,
+            name=self.name,
+            python=self.python,
+        )
 
     def worker_pids(self) -> list[int]:
         assert self.process is not None and self.process.pid is not None
@@ -501,8 +519,9 @@ def taskapp_server(
     )
 
 
-def hello_server(**overrides: object) -> Server:
-    """The baseline: Flask hello-world under taskapp's own gunicorn settings."""
+def hello_server(*, cpu: int | None = None, **overrides: object) -> Server:
+    """The baseline: Flask hello-world under taskapp's own gunicorn settings (on `cpu`, when
+    given, as taskapp is with CPU_AFFINITY)."""
     env = {"WEB_CONCURRENCY": "1", **{k: str(v) for k, v in overrides.items()}}
     return Server(
         name="hello",
@@ -511,7 +530,16 @@ def hello_server(**overrides: object) -> Server:
         env={**env, "BENCH_TASKAPP_ROOT": str(TASKAPP_ROOT)},
         ready_paths=("/",),
         cwd=ROOT,
+        cpu=cpu,
     )
+
+
+def pinned_cpu(n: int) -> int:
+    """The CPU of the n-th process of a pinned run (--pin): each on one of its own, in turn,
+    of the CPUs this process may use. taskapp gets it as CPU_AFFINITY (its own pinning, as a
+    deployment would set it); a baseline or a peer through taskset, the same pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[n % len(cpus)]
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:

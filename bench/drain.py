@@ -27,6 +27,7 @@ from bench.common import (
     machine_line,
     main,
     parser,
+    pinned_cpu,
     print_table,
     taskapp_server,
     truncate_tasks,
@@ -68,15 +69,19 @@ def drain_taskapp(
     truncate: bool = True,
     conversations: int = 2,
     poll: float = 0.1,
+    pin: bool = False,
 ) -> DrainResult:
     """Start `instances` taskapp instances on an empty queue, then time a drain of `tasks`
     (each with `conversations` conversations; bench/peers.py drains them with none), polling
-    every `poll` seconds for the end."""
+    every `poll` seconds for the end. `pin`: instance n on pinned_cpu(n) (CPU_AFFINITY)."""
     if truncate:
         truncate_tasks(url)
     with contextlib.ExitStack() as stack:
         for n in range(instances):
-            server = taskapp_server(url, name=f"taskapp-{n}", WORKER_CONCURRENCY=concurrency)
+            pinning = {"CPU_AFFINITY": pinned_cpu(n)} if pin else {}
+            server = taskapp_server(
+                url, name=f"taskapp-{n}", WORKER_CONCURRENCY=concurrency, **pinning
+            )
             stack.enter_context(server)
             server.start()
         ids = insert_tasks(url, tasks, conversations=conversations, wake=True)

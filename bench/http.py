@@ -1,6 +1,7 @@
 """HTTP throughput of one taskapp instance vs. Flask hello-world under the same gunicorn settings.
 
     python -m bench.http [--quick] [--seconds 5] [--rounds 3] [--connections 16] [--only POST]
+                         [--pin]
 
 Endpoints: GET /tasks/{id} (random among the loaded tasks, each with 2 conversations),
 GET /tasks/?limit=100, POST /tasks/ (2 conversations), PUT /tasks/{id}. The instance runs with
@@ -8,7 +9,8 @@ WORKER_ENABLED=0 so no background worker competes for the CPU. Both servers stay
 whole run, which goes in rounds: hello world, then each endpoint; one last hello world closes
 the last round. Each endpoint's ratio in a round is to the mean of the hello-world runs that
 bracket it, so drift on a shared machine over the minutes of a run cancels out; the figure is
-the median over the rounds. Targets: GET ≥ 0.5 x hello world, POST ≥ 0.35 x.
+the median over the rounds. `--pin` puts both servers on one CPU (taskapp with its own
+CPU_AFFINITY, hello world with taskset). Targets: GET ≥ 0.5 x hello world, POST ≥ 0.35 x.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, replace
 from bench.common import (
     HttpResult,
     Server,
+    add_pin_arg,
     bench_database,
     cpu_seconds,
     hello_server,
@@ -28,6 +31,7 @@ from bench.common import (
     machine_line,
     main,
     parser,
+    pinned_cpu,
     print_table,
     taskapp_server,
     verdict,
@@ -191,9 +195,12 @@ def run(args: argparse.Namespace) -> int:
     stamp = machine_line()
     hellos: list[HttpResult] = []
     results: list[list[HttpResult]] = []
-    with hello_server() as hello, bench_database("http") as url:
+    # --pin: both on the same CPU; only one is loaded at a time.
+    cpu = pinned_cpu(0) if args.pin else None
+    pinning = {} if cpu is None else {"CPU_AFFINITY": cpu}
+    with hello_server(cpu=cpu) as hello, bench_database("http") as url:
         hello.start()
-        with taskapp_server(url, WORKER_ENABLED=0) as app:
+        with taskapp_server(url, WORKER_ENABLED=0, **pinning) as app:
             app.start()
             ids = insert_tasks(url, TASKS_LOADED, wake=False)
             for n in range(rounds):
@@ -203,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     rows, _ = round_rows(hellos, results)
     print_table(
         f"HTTP, one instance vs. hello world ({load.connections} connections, "
-        f"{seconds:g} s each, {rounds} round(s)) — {stamp}",
+        f"{seconds:g} s each, {rounds} round(s){'' if cpu is None else ', both on one CPU'})"
+        f" — {stamp}",
         ROUND_HEADERS,
         rows,
     )
@@ -222,4 +230,5 @@ if __name__ == "__main__":
         "--rounds", type=int, default=3, help="rounds of hello world then every endpoint"
     )
     p.add_argument("--only", help='just the endpoints whose name contains this, e.g. "POST"')
+    add_pin_arg(p)
     main(run, p.parse_args())

@@ -3,7 +3,7 @@
     python -m bench.peers [--quick] [--tasks 20000] [--rounds 3] [--concurrency N]
                           [--conversations 0] [--pgqueuer-batch-size 100]
                           [--procrastinate-concurrency 30] [--pgbench-seconds 5]
-                          [--pgbench-batches 10 100] [--setup]
+                          [--pgbench-batches 10 100] [--setup] [--pin]
 
 Three drains of the same N tasks that do nothing, in the same run, each on a database of its
 own on the same PostgreSQL, each with 2 worker processes, in `--rounds` rounds whose order
@@ -28,8 +28,11 @@ second); every run starts its workers on an empty queue and waits until their co
 are idle before it loads. Also reported: pgbench running taskapp's own claim statement
 (complete_and_claim from taskapp/sql/queue.sql, as the service runs it: generic plan, no JIT)
 with no Python at all, 2 clients completing and claiming 10 and 100 tasks per transaction
-(tasks/s = tps x batch): the database's own limit. Targets: taskapp ≥ 1.2 x PgQueuer and
-≥ 10 x procrastinate.
+(tasks/s = tps x batch): the database's own limit. `--pin` puts process n of every system on
+a CPU of its own (taskapp's instance n by its CPU_AFFINITY, the peers' worker n by taskset;
+PostgreSQL runs anywhere), the deployment taskapp's README recommends where instances have
+cores to themselves; PgQueuer drains no faster or slower for it. Targets: taskapp ≥ 1.2 x
+PgQueuer and ≥ 10 x procrastinate.
 
 The peers are installed from the package index, at the versions pinned in
 bench/requirements-peers.txt, into a venv of their own (bench/.venv-peers, made on the first run
@@ -60,6 +63,7 @@ from bench.common import (
     ROOT,
     BenchError,
     VenvUnavailable,
+    add_pin_arg,
     bench_database,
     connect,
     insert_tasks,
@@ -67,6 +71,7 @@ from bench.common import (
     machine_line,
     main,
     parser,
+    pinned_cpu,
     print_table,
     truncate_tasks,
     venv_python,
@@ -237,6 +242,7 @@ class Peer:
     done_probe: str  # how many jobs ended successfully
     url: str = ""
     python: Path = field(default=Path(), repr=False)
+    pin: bool = False  # --pin: worker process n on pinned_cpu(n), as taskapp's instance n is
 
 
 def pgqueuer_peer(batch_size: int, max_concurrent: int | None) -> Peer:
@@ -307,8 +313,11 @@ class PeerWorkers:
     def start(self) -> None:
         for n in range(PROCESSES):
             fd, path = tempfile.mkstemp(prefix=f"bench-{self.peer.key}-{n}-", suffix=".log")
+            command = self.peer.worker_cmd(self.peer.python, n)
+            if self.peer.pin:
+                command = ["taskset", "-c", str(pinned_cpu(n)), *command]
             proc = subprocess.Popen(
-                self.peer.worker_cmd(self.peer.python, n),
+                command,
                 cwd=ROOT,
                 env=peer_env(with_app_name(self.peer.url, self.app_name(n))),
                 stdin=subprocess.DEVNULL,
@@ -540,6 +549,7 @@ def run(args: argparse.Namespace) -> int:
         for peer in peers:
             peer.url = stack.enter_context(bench_database(f"peers_{peer.key}", migrate=False))
             peer.python = python
+            peer.pin = args.pin
             peer.install(python, peer.url)
         drains: dict[str, Callable[[], DrainResult]] = {
             "taskapp": lambda: drain_taskapp(
@@ -550,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
                 args.drain_timeout,
                 conversations=args.conversations,
                 poll=PEER_POLL_SECONDS,
+                pin=args.pin,
             ),
             **{
                 peer.name: (lambda peer=peer: drain_peer(peer, tasks, args.drain_timeout))  # type: ignore[misc]
@@ -626,6 +637,11 @@ def report(
         f"claiming a batch per transaction, generic plan, no JIT, {seconds} s each, tasks/s = "
         "tps x batch."
     )
+    if args.pin:
+        print(
+            "- --pin: each system's process n on CPU pinned_cpu(n) (taskapp's instances by "
+            "their CPU_AFFINITY, the peers' workers by taskset); pgbench and PostgreSQL free."
+        )
     print("- peers' venv: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     print(flush=True)
 
@@ -659,4 +675,5 @@ if __name__ == "__main__":
     )
     p.add_argument("--pgbench-batches", type=int, nargs="+", default=[10, 100])
     p.add_argument("--setup", action="store_true", help="only make the peers' venv")
+    add_pin_arg(p)
     main(run, p.parse_args())

@@ -7,7 +7,8 @@
 # (default postgresql://postgres@127.0.0.1:5432/postgres, a role that may create databases),
 # and the dev requirements installed in the active Python (pip install -r requirements-dev.txt).
 # bench.peers also installs PgQueuer and procrastinate into bench/.venv-peers on its first run
-# (from the package index; see bench/requirements-peers.txt).
+# (from the package index; see bench/requirements-peers.txt), bench.seed the seed's FastAPI
+# stack into bench/.venv-seed (bench/requirements-seed.txt).
 # BENCH_RESULTS_DIR: where the tables are saved (default bench/results).
 # BENCH_SKIP: benchmarks to leave out, space-separated (e.g. BENCH_SKIP="peers growth").
 set -euo pipefail
@@ -29,7 +30,7 @@ out="$results/$(date -u +%Y%m%dT%H%M%SZ)${quick:+-quick}.md"
 run_all() {
   local status=0
   echo "# taskapp benchmarks $(date -u '+%Y-%m-%d %H:%M UTC')${quick:+ (quick)}"
-  for bench in http drain flow pickup growth memory retention sustained inflight live_output peers; do
+  for bench in http drain flow pickup growth memory retention sustained inflight live_output peers seed; do
     case " ${BENCH_SKIP:-} " in
       *" $bench "*) echo "[run_all] bench.$bench skipped (BENCH_SKIP)" >&2; continue ;;
     esac

@@ -7,7 +7,8 @@ Not a timed test: nothing here asserts a speed. It catches a benchmark that no l
 drains or finds what it measures after a change elsewhere (the growth script once looked for a
 queue statement that a refactoring had removed). Needs wrk, which ./test.sh installs when
 missing; without it the test fails, saying so. bench/peers.py needs its peers installed from
-the package index, and fails, saying why, when that can't be reached; bench/live_output.py's
+the package index, and fails, saying why, when that can't be reached (bench/seed.py the seed's
+FastAPI stack, the same way); bench/live_output.py's
 test checks every chunk arrived in order.
 """
 
@@ -38,7 +39,7 @@ TABLES = {
 AT_ONCE = 3
 # What run_all.sh itself is tested with: its loop, BENCH_SKIP and the saved tables.
 RUN_ALL_WITH = "drain"
-RUN_ALL_SKIPS = [*TABLES, "peers", "live_output", "inflight"]
+RUN_ALL_SKIPS = [*TABLES, "peers", "live_output", "inflight", "seed"]
 PEERS_INSTALL_FAILED = 3  # bench/peers.py's exit code when its venv can't be installed
 
 
@@ -73,6 +74,8 @@ def quick(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "peers": ([*module, "bench.peers", "--quick"], {}),
         **{name: ([*module, f"bench.{name}", "--quick"], {}) for name in TABLES},
         "inflight": ([*module, "bench.inflight", "--quick", "--concurrency", "16"], {}),
+        # --pin: taskapp's CPU_AFFINITY and the baseline's taskset, the way to 3 x the seed.
+        "seed": ([*module, "bench.seed", "--quick", "--pin"], {}),
         "run_all": (
             [str(ROOT / "bench" / "run_all.sh"), "--quick"],
             {
@@ -119,6 +122,18 @@ def test_peers_benchmark_runs_in_quick_mode(quick: QuickRuns) -> None:
     assert "### Peers: drain of" in done.stdout, done.stdout[-3000:]
     for row in ("taskapp, 2 instances", "PgQueuer ", "procrastinate ", "pgbench, the claim"):
         assert row in done.stdout, (row, done.stdout[-3000:])
+
+
+def test_the_seed_benchmark_runs_in_quick_mode_pinned(quick: QuickRuns) -> None:
+    """bench/seed.py: the seed rebuilt from its README (its own venv from the package index)
+    answers with the loaded tasks, and both services are measured on each endpoint."""
+    done = quick["seed"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### taskapp vs. the seed" in done.stdout and "both on one CPU" in done.stdout
+    for endpoint in ("| GET /tasks/{id} ", "| GET /tasks/?limit=100 ", "| POST /tasks/ "):
+        (row,) = [line for line in done.stdout.splitlines() if line.startswith(endpoint)]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0
 
 
 def test_the_live_output_bench_runs_in_quick_mode(quick: QuickRuns) -> None:
