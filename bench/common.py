@@ -408,6 +408,18 @@ def venv_python(venv: Path, requirements: str, what: str) -> Path:
     return python
 
 
+def venv_versions(python: Path, packages: Sequence[str], what: str) -> dict[str, str]:
+    """The installed version of each package in the venv of `python`, for a table's notes."""
+    code = (
+        "import importlib.metadata as m\n"
+        f"for name in {tuple(packages)!r}: print(name, m.version(name))"
+    )
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise BenchError(f"the venv of {what} is broken:\n{done.stderr}")
+    return dict(line.split(" ", 1) for line in done.stdout.splitlines())
+
+
 # -- servers ------------------------------------------------------------------------------------
 
 

@@ -75,6 +75,7 @@ from bench.common import (
     print_table,
     truncate_tasks,
     venv_python,
+    venv_versions,
     verdict,
 )
 from bench.drain import DrainResult, add_drain_args, drain_taskapp
@@ -107,17 +108,6 @@ def peers_python() -> Path:
         return venv_python(PEERS_VENV, PEERS_REQUIREMENTS.read_text(), "the peers")
     except VenvUnavailable as exc:
         raise PeersUnavailable(str(exc)) from None
-
-
-def peer_versions(python: Path) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m\n"
-        f"for name in {PEER_PACKAGES!r}: print(name, m.version(name))"
-    )
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise BenchError(f"peers' venv is broken:\n{done.stderr}")
-    return dict(line.split(" ", 1) for line in done.stdout.splitlines())
 
 
 def peer_env(dsn: str) -> dict[str, str]:
@@ -531,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
     except PeersUnavailable as exc:
         log(f"FAILED: {exc}")
         return INSTALL_FAILED
-    versions = peer_versions(python)
+    versions = venv_versions(python, PEER_PACKAGES, "the peers")
     if args.setup:
         print(" ".join(f"{k}=={v}" for k, v in versions.items()))
         return 0

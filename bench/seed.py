@@ -34,7 +34,6 @@ import contextlib
 import os
 import re
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from bench.common import (
     print_table,
     taskapp_server,
     venv_python,
+    venv_versions,
     verdict,
 )
 from bench.http import Load, measure
@@ -102,30 +102,7 @@ SELECT min(id), max(id) FROM t
 """
 
 
-class SeedUnavailable(BenchError):
-    """The seed's venv could not be made (no package index, or a pin that does not install)."""
-
-
-# -- the seed's venv and server -----------------------------------------------------------------
-
-
-def seed_python() -> Path:
-    """The seed's venv's Python, made (or remade) when missing or out of date."""
-    try:
-        return venv_python(SEED_VENV, SEED_REQUIREMENTS.read_text(), "the seed")
-    except VenvUnavailable as exc:
-        raise SeedUnavailable(str(exc)) from None
-
-
-def seed_versions(python: Path) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m\n"
-        f"for name in {SEED_PACKAGES!r}: print(name, m.version(name))"
-    )
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise BenchError(f"the seed's venv is broken:\n{done.stderr}")
-    return dict(line.split(" ", 1) for line in done.stdout.splitlines())
+# -- the seed's server --------------------------------------------------------------------------
 
 
 class UvicornProcess(GunicornProcess):
@@ -270,11 +247,11 @@ def table_rows(results: dict[str, dict[str, list[HttpResult]]]) -> list[list[obj
 
 def run(args: argparse.Namespace) -> int:
     try:
-        python = seed_python()
-    except SeedUnavailable as exc:
+        python = venv_python(SEED_VENV, SEED_REQUIREMENTS.read_text(), "the seed")
+    except VenvUnavailable as exc:
         log(f"FAILED: {exc}")
         return INSTALL_FAILED
-    versions = seed_versions(python)
+    versions = venv_versions(python, SEED_PACKAGES, "the seed")
     seconds = 1.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
     tasks = QUICK_TASKS if args.quick else TASKS_LOADED

@@ -491,12 +491,24 @@ def _streams_open(service: Instance) -> int:
     return int(float(value))
 
 
+# The tail as a terminal starts it: Ctrl-C (SIGINT) on. A suite started in the background (`&`
+# in a script, a CI runner's job) inherits SIGINT ignored, and so would the tail: Python leaves
+# an ignored SIGINT ignored, and the Ctrl-C test would wait for ever. An ignored disposition
+# survives exec, a default one too: the launcher sets it and becomes the tail.
+WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def _start_tail(service: Instance, *args: str) -> subprocess.Popen[str]:
     # An earlier test's stream may still hold its slot for a second after its client left.
     wait_for(lambda: _streams_open(service) == 0, what="no stream open")
     env = {"PATH": "/usr/bin:/bin", "TASKAPP_URL": service.url, "TASKAPP_API_KEY": API_KEY}
     process = subprocess.Popen(
-        [str(TASKAPP), "tail", *args],
+        [*WITH_CTRL_C, str(TASKAPP), "tail", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
