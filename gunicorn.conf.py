@@ -77,7 +77,28 @@ def pre_fork(server, worker):
         worker.taskapp_cpu = affinity.choose(_settings.cpu_affinity, taken)
 
 
+# A stop signal that reaches a worker while post_fork runs (it loads the app and starts the
+# instance's threads, a good part of a second): gunicorn gives the worker its own handlers only
+# after this hook, and until then the master's, copied by the fork, queue a signal where nothing
+# reads it. The worker then ran on until the master killed it at graceful_timeout, its claims
+# left to their leases. Noted here; post_worker_init sends them again.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+_early_signals: list[int] = []
+
+
+def _note_early_signal(signum, frame):
+    _early_signals.append(signum)
+
+
+def _deliver_early_signals():
+    for signum in _early_signals:
+        os.kill(os.getpid(), signum)
+    _early_signals.clear()
+
+
 def post_fork(server, worker):
+    for signum in _STOP_SIGNALS:  # first: the imports below take a while
+        signal.signal(signum, _note_early_signal)
     from taskapp import runtime
 
     cpu = getattr(worker, "taskapp_cpu", None)
@@ -99,6 +120,7 @@ def post_worker_init(worker):
     app = worker.wsgi
     instance = runtime.current(app)
     if instance is None:
+        _deliver_early_signals()  # to gunicorn's own handlers
         return
 
     def chain(signum, then, grace, drain=0.0):
@@ -120,6 +142,7 @@ def post_worker_init(worker):
     chain(signal.SIGTERM, signal.getsignal(signal.SIGTERM), None, _settings.drain_seconds)
     for quick in (signal.SIGINT, signal.SIGQUIT):
         chain(quick, signal.getsignal(quick), 0)
+    _deliver_early_signals()
 
 
 def worker_exit(server, worker):

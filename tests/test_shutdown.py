@@ -7,6 +7,7 @@ how long the stop took.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -15,6 +16,7 @@ import requests
 import websocket
 
 from tests.support import create_task, status_counts, task_row, wait_for
+from tools.gunicorn_process import children
 
 
 def wait_processing(db_conn: psycopg.Connection, task_id: int) -> dict:
@@ -125,3 +127,28 @@ def test_a_clean_stop_is_fast_even_with_open_connections(instances):
     # up to 2 s on each closed stream whose client does not close its end; a lingering
     # WebSocket thread used to hold the process until gunicorn SIGKILLed it at 20 s.
     assert took < 8
+
+
+def test_a_sigterm_while_a_worker_boots_stops_that_worker(instances):
+    """A stop signal that reaches a worker during post_fork (loading the app, starting the
+    instance) is not lost: it is handled once gunicorn's own handlers are in place."""
+    # The worker logs its pinning first thing in post_fork: the mark that it is in there.
+    instance = instances(CPU_AFFINITY=str(min(os.sched_getaffinity(0))))
+    assert instance.pid is not None
+    (first,) = children(instance.pid)
+    os.kill(first, signal.SIGKILL)
+    wait_for(
+        lambda: instance.log().count("worker process pinned to CPU") == 2,
+        interval=0.005,
+        what="the replacement in post_fork",
+    )
+    (booting,) = [pid for pid in children(instance.pid) if pid != first]
+    os.kill(booting, signal.SIGTERM)
+    wait_for(
+        lambda: booting not in children(instance.pid),
+        timeout=15,
+        what=f"worker {booting} gone after its SIGTERM",
+    )
+    log = instance.log()
+    assert f"Worker exiting (pid: {booting})" in log, log[-3000:]
+    assert f"(pid:{booting}) was sent SIGKILL" not in log, log[-3000:]
