@@ -436,7 +436,7 @@ class Server:
     python: Path = Path(sys.executable)
     port: int = field(default_factory=free_port)
     # --pin: the whole process tree on this CPU (taskset), for a baseline pinned as taskapp is
-    # by its own CPU_AFFINITY.
+    # by its own CPU_AFFINITY (taskapp_server sets that instead).
     cpu: int | None = None
     process: GunicornProcess | None = field(default=None, init=False, repr=False)
 
@@ -452,8 +452,7 @@ class Server:
         fd, path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
         os.close(fd)
         self.process = self.make_process(Path(path))
-        if self.cpu is not None:
-            self.process.command = ["taskset", "-c", str(self.cpu), *self.process.command]
+        self.process.command = on_cpu(self.cpu, self.process.command)
         self.process.start()
         try:
             self.process.wait_ready(self.ready_paths, timeout=timeout)
@@ -516,10 +515,14 @@ def taskapp_server(
     *,
     root: Path = TASKAPP_ROOT,
     python: Path = Path(sys.executable),
+    cpu: int | None = None,
     **overrides: object,
 ) -> Server:
     """One taskapp instance of the tree at root (run by `python`, a venv with that tree's
-    requirements): `gunicorn -c gunicorn.conf.py wsgi:app`, not yet started."""
+    requirements): `gunicorn -c gunicorn.conf.py wsgi:app`, not yet started; on `cpu`, when
+    given, by its own CPU_AFFINITY, as a deployment would pin it."""
+    if cpu is not None:
+        overrides["CPU_AFFINITY"] = cpu
     return Server(
         name=name,
         app="wsgi:app",
@@ -549,9 +552,14 @@ def hello_server(*, cpu: int | None = None, **overrides: object) -> Server:
 def pinned_cpu(n: int) -> int:
     """The CPU of the n-th process of a pinned run (--pin): each on one of its own, in turn,
     of the CPUs this process may use. taskapp gets it as CPU_AFFINITY (its own pinning, as a
-    deployment would set it); a baseline or a peer through taskset, the same pinning."""
+    deployment would set it); a baseline or a peer through taskset (on_cpu), the same pinning."""
     cpus = sorted(os.sched_getaffinity(0))
     return cpus[n % len(cpus)]
+
+
+def on_cpu(cpu: int | None, command: list[str]) -> list[str]:
+    """The command, run on `cpu` with every process and thread it starts (None: as it is)."""
+    return command if cpu is None else ["taskset", "-c", str(cpu), *command]
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:

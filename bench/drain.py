@@ -78,9 +78,11 @@ def drain_taskapp(
         truncate_tasks(url)
     with contextlib.ExitStack() as stack:
         for n in range(instances):
-            pinning = {"CPU_AFFINITY": pinned_cpu(n)} if pin else {}
             server = taskapp_server(
-                url, name=f"taskapp-{n}", WORKER_CONCURRENCY=concurrency, **pinning
+                url,
+                name=f"taskapp-{n}",
+                cpu=pinned_cpu(n) if pin else None,
+                WORKER_CONCURRENCY=concurrency,
             )
             stack.enter_context(server)
             server.start()

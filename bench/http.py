@@ -56,6 +56,23 @@ class Load:
     warmup: float = 1.0
 
 
+def add_load_args(p: argparse.ArgumentParser, *, rounds_help: str) -> None:
+    """--seconds, --connections and --rounds, as every wrk benchmark here takes them."""
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
+    p.add_argument("--connections", type=int, default=16, help="concurrent connections (wrk -c)")
+    p.add_argument("--rounds", type=int, default=3, help=rounds_help)
+
+
+def load_of(args: argparse.Namespace) -> tuple[Load, int]:
+    """The load of each run and the number of rounds (--quick: 1 s, 1 round)."""
+    load = Load(
+        seconds=1.0 if args.quick else args.seconds,
+        connections=args.connections,
+        warmup=0.5 if args.quick else 1.0,
+    )
+    return load, 1 if args.quick else args.rounds
+
+
 def measure(
     server: Server,
     name: str,
@@ -189,18 +206,15 @@ def round_rows(
 
 
 def run(args: argparse.Namespace) -> int:
-    seconds = 1.0 if args.quick else args.seconds
-    rounds = 1 if args.quick else args.rounds
-    load = Load(seconds=seconds, connections=args.connections, warmup=0.5 if args.quick else 1.0)
+    load, rounds = load_of(args)
     stamp = machine_line()
     hellos: list[HttpResult] = []
     results: list[list[HttpResult]] = []
     # --pin: both on the same CPU; only one is loaded at a time.
     cpu = pinned_cpu(0) if args.pin else None
-    pinning = {} if cpu is None else {"CPU_AFFINITY": cpu}
     with hello_server(cpu=cpu) as hello, bench_database("http") as url:
         hello.start()
-        with taskapp_server(url, WORKER_ENABLED=0, **pinning) as app:
+        with taskapp_server(url, WORKER_ENABLED=0, cpu=cpu) as app:
             app.start()
             ids = insert_tasks(url, TASKS_LOADED, wake=False)
             for n in range(rounds):
@@ -210,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     rows, _ = round_rows(hellos, results)
     print_table(
         f"HTTP, one instance vs. hello world ({load.connections} connections, "
-        f"{seconds:g} s each, {rounds} round(s){'' if cpu is None else ', both on one CPU'})"
+        f"{load.seconds:g} s each, {rounds} round(s){'' if cpu is None else ', both on one CPU'})"
         f" — {stamp}",
         ROUND_HEADERS,
         rows,
@@ -224,11 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=300)
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
-    p.add_argument("--connections", type=int, default=16, help="concurrent connections (wrk -c)")
-    p.add_argument(
-        "--rounds", type=int, default=3, help="rounds of hello world then every endpoint"
-    )
+    add_load_args(p, rounds_help="rounds of hello world then every endpoint")
     p.add_argument("--only", help='just the endpoints whose name contains this, e.g. "POST"')
     add_pin_arg(p)
     main(run, p.parse_args())

@@ -70,6 +70,7 @@ from bench.common import (
     log,
     machine_line,
     main,
+    on_cpu,
     parser,
     pinned_cpu,
     print_table,
@@ -303,11 +304,11 @@ class PeerWorkers:
     def start(self) -> None:
         for n in range(PROCESSES):
             fd, path = tempfile.mkstemp(prefix=f"bench-{self.peer.key}-{n}-", suffix=".log")
-            command = self.peer.worker_cmd(self.peer.python, n)
-            if self.peer.pin:
-                command = ["taskset", "-c", str(pinned_cpu(n)), *command]
             proc = subprocess.Popen(
-                command,
+                on_cpu(
+                    pinned_cpu(n) if self.peer.pin else None,
+                    self.peer.worker_cmd(self.peer.python, n),
+                ),
                 cwd=ROOT,
                 env=peer_env(with_app_name(self.peer.url, self.app_name(n))),
                 stdin=subprocess.DEVNULL,

@@ -61,7 +61,7 @@ from bench.common import (
     venv_versions,
     verdict,
 )
-from bench.http import Load, measure
+from bench.http import Load, add_load_args, load_of, measure
 from tools.gunicorn_process import HOST, GunicornProcess
 
 SEED_VENV = BENCH_DIR / ".venv-seed"
@@ -252,10 +252,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"FAILED: {exc}")
         return INSTALL_FAILED
     versions = venv_versions(python, SEED_PACKAGES, "the seed")
-    seconds = 1.0 if args.quick else args.seconds
-    rounds = 1 if args.quick else args.rounds
+    load, rounds = load_of(args)
     tasks = QUICK_TASKS if args.quick else TASKS_LOADED
-    load = Load(seconds=seconds, connections=args.connections, warmup=0.5 if args.quick else 1.0)
     stamp = machine_line()
     results: dict[str, dict[str, list[HttpResult]]] = {
         endpoint: {name: [] for name in SERVICES} for endpoint in ENDPOINTS
@@ -265,8 +263,7 @@ def run(args: argparse.Namespace) -> int:
         seed_url = stack.enter_context(bench_database("seed_fastapi", migrate=False))
         # --pin: both on the same CPU; only one is loaded at a time.
         cpu = pinned_cpu(0) if args.pin else None
-        pinning = {} if cpu is None else {"CPU_AFFINITY": cpu}
-        app = stack.enter_context(taskapp_server(taskapp_url, WORKER_ENABLED=0, **pinning))
+        app = stack.enter_context(taskapp_server(taskapp_url, WORKER_ENABLED=0, cpu=cpu))
         app.start()
         seed = stack.enter_context(seed_server(seed_url, python, cpu))
         seed.start()  # its startup creates its tables
@@ -285,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                     results[endpoint][name].append(run_endpoint(services[name], endpoint, load))
     print_table(
         f"taskapp vs. the seed, one instance each ({tasks:,} tasks with {CONVERSATIONS} "
-        f"conversations, {load.connections} connections, {seconds:g} s each, {rounds} "
+        f"conversations, {load.connections} connections, {load.seconds:g} s each, {rounds} "
         f"alternating round(s){'' if cpu is None else ', both on one CPU'}) — {stamp}",
         HEADERS,
         table_rows(results),
@@ -321,10 +318,6 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], default_timeout=1200)
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
-    p.add_argument("--connections", type=int, default=16, help="concurrent connections (wrk -c)")
-    p.add_argument(
-        "--rounds", type=int, default=3, help="rounds of every endpoint on both services"
-    )
+    add_load_args(p, rounds_help="rounds of every endpoint on both services")
     add_pin_arg(p)
     main(run, p.parse_args())

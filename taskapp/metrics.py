@@ -68,18 +68,14 @@ def observe_many(histogram: Histogram, amounts: list[float]) -> None:
     a dispatcher round completes up to hundreds of tasks, and in multiprocess mode every
     write is a locked write to a file-backed map (~1.8 us). Relies on prometheus_client's
     Histogram keeping a value per bucket, non-cumulative, and one for the sum (pinned in
-    requirements.txt; tests/test_metrics.py compares the result with observe())."""
-    bounds, buckets, total = (
-        getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum")
+    requirements.txt; tests/test_metrics.py compares the result with observe(), so an upgrade
+    that changes them fails there)."""
+    counts = collections.Counter(
+        bisect.bisect_left(histogram._upper_bounds, amount) for amount in amounts
     )
-    if bounds is None or buckets is None or total is None:
-        for amount in amounts:
-            histogram.observe(amount)
-        return
-    counts = collections.Counter(bisect.bisect_left(bounds, amount) for amount in amounts)
-    total.inc(sum(amounts))
+    histogram._sum.inc(sum(amounts))
     for index, count in counts.items():
-        buckets[index].inc(count)
+        histogram._buckets[index].inc(count)
 
 
 def task_failed(duration: float, *, final: bool) -> None:

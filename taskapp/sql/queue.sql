@@ -134,7 +134,8 @@ SELECT CASE WHEN row_number() OVER () = 1
                   FROM completion) END AS finished,
        (SELECT count(*) FROM next) - (SELECT count(*) FROM admitted) AS refused,
        c.id, c.title, c.description, c.priority, c.attempts, c.max_attempts,
-       CAST(c.lease_token AS text) AS lease_token, c.timeout_seconds, c.queue, c.concurrency_key, c.conversations, c.processed,
+       CAST(c.lease_token AS text) AS lease_token, c.timeout_seconds, c.queue, c.concurrency_key,
+       c.conversations, c.processed,
        CASE WHEN c.id IS NOT NULL AND (SELECT taskapp_events_watched())
             THEN taskapp_publish('task.claimed', c.id, 'processing', :instance_id) END AS notified
 FROM (SELECT 1) AS one
