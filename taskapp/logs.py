@@ -11,16 +11,16 @@ and, with tracing on, the trace and span ids.
 
 A request's id is the client's `X-Request-ID` when it is a sane one (REQUEST_ID: at most 128
 characters of a small set, so no header can put quotes, spaces or newlines in a log line or
-make it long), else a new uuid4 hex; every response carries it back.
+make it long), else 32 new random hex digits; every response carries it back.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import secrets
 import sys
 import threading
-import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ def request_id() -> str:
     value: str | None = environ.get(_ENVIRON_KEY)
     if value is None:
         sent = environ.get("HTTP_X_REQUEST_ID")
-        value = sent if sent is not None and REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+        value = sent if sent is not None and REQUEST_ID.fullmatch(sent) else secrets.token_hex(16)
         environ[_ENVIRON_KEY] = value
     return value
 

@@ -236,8 +236,11 @@ def _status_label(status: int) -> str:
 def _observe(response: Response) -> Response:
     started: float | None = request.environ.get(_STARTED)
     # The URL rule, not the path, keeps the label set small (/tasks/<id>, not every id).
-    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    method = request.method if request.method in KNOWN_METHODS else OTHER
+    rule = request.url_rule
+    endpoint = rule.rule if rule is not None else "unmatched"
+    method = request.method
+    if method not in KNOWN_METHODS:
+        method = OTHER
     status = response.status_code
     counter = _request_counters.get((method, endpoint, status))
     if counter is None:

@@ -99,7 +99,9 @@ def _body() -> bytes:
     return request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
 
 
-_SINGLE_HEADERS = ("Idempotency-Key",)
+# Each header with its WSGI environ key: werkzeug's `request.headers.get` raises and catches a
+# KeyError for a header not sent, which is nearly every request.
+_SINGLE_HEADERS = {"Idempotency-Key": "HTTP_IDEMPOTENCY_KEY"}
 
 
 def refuse_repeated_headers() -> None:
@@ -107,8 +109,9 @@ def refuse_repeated_headers() -> None:
 
     The server joins repeated fields with a comma (RFC 9110, section 5.3), so a comma in one
     of these is a repeat, whatever the client meant: a key must not be read as another."""
-    for name in _SINGLE_HEADERS:
-        value = request.headers.get(name)
+    environ = request.environ
+    for name, key in _SINGLE_HEADERS.items():
+        value = environ.get(key)
         if value is not None and "," in value:
             raise BadRequest(
                 f"Send the {name} header once, with one value.",

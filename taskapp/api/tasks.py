@@ -65,12 +65,14 @@ def entity_tag(task: services.Rendered) -> str:
     return hashlib.blake2b(task.json.encode(), digest_size=16).hexdigest()
 
 
-def _task_response(task: services.Rendered, status: int = 200) -> Response:
+def _task_response(
+    task: services.Rendered, status: int = 200, *, tag: str | None = None
+) -> Response:
     """A task's JSON with its ETag. Content-Location says the body is the task's own
     representation, which is what the tag validates, also when the request's URL is another
     (a create, a retry, a cancel; RFC 9110, section 8.7)."""
     response = json_text(task.json, status)
-    response.headers["ETag"] = quote_etag(entity_tag(task))
+    response.headers["ETag"] = quote_etag(tag or entity_tag(task))
     if request.method != "GET":
         response.headers["Content-Location"] = url_for(".get_task", task_id=task.id)
     return response
@@ -131,7 +133,7 @@ def get_task(task_id: int) -> ResponseReturnValue:
         del not_modified.headers["Content-Type"]
         not_modified.headers["ETag"] = quote_etag(tag)
         return not_modified
-    return _task_response(task)
+    return _task_response(task, tag=tag)
 
 
 @bp.put("/<id:task_id>")
