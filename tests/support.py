@@ -74,6 +74,14 @@ class Instance(GunicornProcess):
         self.signal(sig)
 
 
+def healthy(*group: Instance, timeout: float = 30.0) -> tuple[Instance, ...]:
+    """Wait until every instance of a group started side by side (`wait=False`) is healthy;
+    return them. They boot at once, as a deployment's do, instead of one after another."""
+    for instance in group:
+        instance.wait_healthy(timeout=timeout)
+    return group
+
+
 # -- tasks and events, for the fault tests ---------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -599,10 +600,13 @@ def test_an_unreachable_url_is_one_line_for_every_command() -> None:
         ["resume", "q"],
         ["prune", "--older-than", "1d"],
     ]
-    for command in commands:
-        for extra in ([], ["--json"]):
-            line = fails(run(None, "--url", dead, *command, *extra))
-            assert line == f"taskapp: cannot reach {dead}: connection refused", command
+    argvs = [[*command, *extra] for command in commands for extra in ([], ["--json"])]
+    # Twenty processes, two at a time (each is mostly Python's start-up and the imports).
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda argv: run(None, "--url", dead, *argv), argvs))
+    for argv, result in zip(argvs, results, strict=True):
+        line = fails(result)
+        assert line == f"taskapp: cannot reach {dead}: connection refused", argv
 
 
 @slow

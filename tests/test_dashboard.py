@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.browser import chromium, console_errors, require_browser
-from tests.support import Instance, wait_for
+from tests.support import Instance, healthy, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -29,7 +29,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def cluster(browser: Any, instances: Callable[..., Instance]) -> list[Instance]:
     """Two instances that process instantly."""
-    return [instances(), instances()]
+    return list(healthy(instances(wait=False), instances(wait=False)))
 
 
 def until(driver: Any, condition: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
@@ -185,7 +185,7 @@ def test_the_form_shows_invalid_input_readably(browser, cluster):
 
 def test_a_killed_instance_is_shown_dead(browser, instances):
     # A 3 s lease makes the instances beat every second, so death shows within seconds.
-    a, b = instances(LEASE_SECONDS=3), instances(LEASE_SECONDS=3)
+    a, b = healthy(instances(wait=False, LEASE_SECONDS=3), instances(wait=False, LEASE_SECONDS=3))
     open_dashboard(browser, a.url)
     b_id = b.status()["instance_id"]
 
@@ -221,7 +221,7 @@ def test_without_the_event_stream_the_page_polls(browser, instances):
 
 def test_retry_a_failed_task_from_its_page(browser, instances):
     env = {"TASK_PROCESSOR": "tests.processors:fail_when_titled_fail", "MAX_ATTEMPTS": 1}
-    a, _ = instances(**env), instances(**env)
+    a, _ = healthy(instances(wait=False, **env), instances(wait=False, **env))
     response = requests.post(f"{a.url}/tasks/", json={"title": "fail on purpose"}, timeout=10)
     assert response.status_code == 201
     wait_for(
@@ -549,7 +549,7 @@ def test_the_instances_panel_shows_who_works_within_a_second(browser, instances)
     # 3 s tasks and the default lease, so heartbeats come every 5 s: the panel can't wait for
     # them. Two rounds, so that no heartbeat can happen to come just in time for every check.
     env = {"PROCESSING_MIN_SECONDS": 3, "PROCESSING_MAX_SECONDS": 3}
-    a, b = instances(**env), instances(**env)
+    a, b = healthy(instances(wait=False, **env), instances(wait=False, **env))
     both = [a.status()["instance_id"], b.status()["instance_id"]]
     open_dashboard(browser, a.url)
     until(

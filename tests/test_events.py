@@ -11,7 +11,7 @@ import pytest
 import requests
 import websocket
 
-from tests.support import create_task, wait_for
+from tests.support import create_task, healthy, wait_for
 
 
 class SseClient:
@@ -50,7 +50,7 @@ class SseClient:
 @pytest.fixture
 def two_instances(instances):
     """A serves streams only; B does the work, so every event about it crosses instances."""
-    return instances(WORKER_ENABLED=0), instances()
+    return healthy(instances(wait=False, WORKER_ENABLED=0), instances(wait=False))
 
 
 @pytest.fixture

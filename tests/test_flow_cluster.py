@@ -173,30 +173,47 @@ def test_a_key_limited_to_3_never_runs_more_than_3_on_4_instances(
         assert counts == {task_id: 1 for task_id in ids}, kind
 
 
-def test_a_rate_of_30_a_minute_holds_in_every_60_s_window(
-    instances: Callable[..., Instance], conn: psycopg.Connection
+# Issue 13's own case is 30 starts a minute, every 60-s window: a minute of the suite, so it
+# runs with the soak tests (-m soak). The suite runs 10 starts per 10 s, which the claim's GCRA
+# arithmetic treats alike (period_seconds is the API's own parameter). Either way the starts
+# come period / limit apart (1 s or 2 s), so each may be a quarter second late and the limit is
+# still reached in the first window.
+@pytest.mark.parametrize(
+    ("rate_limit", "window_seconds"),
+    [
+        pytest.param(10, 10, id="10-per-10s"),
+        pytest.param(30, 60, id="30-a-minute", marks=pytest.mark.soak),
+    ],
+)
+def test_a_rate_holds_in_every_window(
+    instances: Callable[..., Instance],
+    conn: psycopg.Connection,
+    rate_limit: int,
+    window_seconds: int,
 ) -> None:
     group = start_group(instances, 2, WORKER_QUEUES="rated:4")
     urls = [i.url for i in group]
-    queue = put(f"{urls[0]}/queues/rated", {"rate_limit": {"limit": 30, "period_seconds": 60}})
-    assert queue["rate_limit"] == {"limit": 30, "period_seconds": 60, "burst": 1}, queue
+    rate = {"limit": rate_limit, "period_seconds": window_seconds}
+    queue = put(f"{urls[0]}/queues/rated", {"rate_limit": rate})
+    assert queue["rate_limit"] == {**rate, "burst": 1}, queue
+    # A backlog that outlasts the window: unlimited, the two instances would start it at once.
     create_many(urls, 100, "rated", queue="rated")
     first = wait_for(
         lambda: conn.execute("SELECT min(started_at) FROM tasks").fetchone()[0],  # type: ignore[index]
         timeout=10,
         what="a first start",
     )
-    window = timedelta(seconds=60)
+    window = timedelta(seconds=window_seconds)
     wait_for(
         lambda: db_now(conn) > first + window + timedelta(seconds=1),
-        timeout=75,
-        interval=0.5,
+        timeout=window_seconds + 15,
+        interval=0.1,
         what="a full window",
     )
     starts = [t.started_at for t in rows(conn, "started_at IS NOT NULL")]
-    assert most_in_window(starts, window) <= 30, sorted(starts)
+    assert most_in_window(starts, window) <= rate_limit, sorted(starts)
     in_first = sum(1 for s in starts if s < first + window)
-    assert in_first >= 27, sorted(starts)
+    assert in_first >= rate_limit * 9 // 10, sorted(starts)  # the limit was reached: it bound
     assert rows(conn, "status = 'pending'"), "the backlog ran out"
 
 

@@ -561,12 +561,12 @@ def slowloris(port: int, count: int) -> Iterator[list[socket.socket]]:
             sock.close()
 
 
-def served(url: str, rounds: int) -> tuple[list[float], list[str]]:
+def served(url: str, rounds: int, timeout: float = 3) -> tuple[list[float], list[str]]:
     times, failures = [], []
     for _ in range(rounds):
         started = time.monotonic()
         try:
-            response = requests.get(f"{url}/tasks/?limit=5", timeout=3)
+            response = requests.get(f"{url}/tasks/?limit=5", timeout=timeout)
             if response.status_code != 200:
                 failures.append(str(response.status_code))
         except requests.RequestException as exc:
@@ -580,7 +580,9 @@ def test_slowloris_starves_a_bare_instance_but_not_one_behind_nginx(instances, t
     # Bare: 8 threads, 20 trickling heads; gunicorn gives each one a thread once it has data.
     with slowloris(instance.port, 20):
         time.sleep(2)  # past the first trickled byte, so every head holds its thread
-        _, bare_failures = served(instance.url, 3)
+        # A starved request never gets a thread: 1.5 s (a served one takes milliseconds), not
+        # the 3 s each that the requests behind nginx are allowed.
+        _, bare_failures = served(instance.url, 3, timeout=1.5)
     assert bare_failures, "a bare gthread instance was expected to be starved"
     wait_for(lambda: served(instance.url, 1)[1] == [], timeout=30, what="the instance back")
     # Behind nginx: 500 such connections, and everyone else is served as usual.

@@ -13,7 +13,7 @@ import requests
 from flask.testing import FlaskClient
 
 from tests.api_helpers import assert_problem, assert_task_shape
-from tests.support import Instance
+from tests.support import Instance, healthy
 
 
 def post(client: FlaskClient, body: Any, key: str | None) -> Any:
@@ -132,7 +132,9 @@ def test_racing_repeats_on_one_instance_make_one_task(
 def test_racing_repeats_on_two_instances_make_one_task_per_key(
     instances: Callable[..., Instance], db_conn: psycopg.Connection
 ) -> None:
-    first, second = instances(WORKER_ENABLED=0), instances(WORKER_ENABLED=0)
+    first, second = healthy(
+        instances(wait=False, WORKER_ENABLED=0), instances(wait=False, WORKER_ENABLED=0)
+    )
     pairs = 25
     keys = [f"race-{n}-{uuid.uuid4()}" for n in range(pairs)]
     results: dict[str, list[requests.Response]] = {key: [] for key in keys}

@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support import Instance, create_task, get_task, wait_for
+from tests.support import Instance, create_task, get_task, healthy, wait_for
 
 
 def test_two_instances_process_forty_tasks_exactly_once(instances, db_conn):
-    first, second = instances(), instances()
+    first, second = healthy(instances(wait=False), instances(wait=False))
     ids = [
         create_task((first, second)[n % 2].url, f"task {n}", conversations=2)["id"]
         for n in range(40)
@@ -44,7 +44,9 @@ def test_two_instances_process_forty_tasks_exactly_once(instances, db_conn):
 
 
 def test_status_shows_the_worker_and_the_cluster(instances):
-    first, second = instances(), instances(WORKER_ENABLED=0, DB_POOL_SIZE=3)
+    first, second = healthy(
+        instances(wait=False), instances(wait=False, WORKER_ENABLED=0, DB_POOL_SIZE=3)
+    )
     task = create_task(first.url, "counted")
     wait_for(lambda: get_task(first.url, task["id"])["status"] == "completed", timeout=10)
     status = wait_for(lambda: (s := first.status())["worker"]["processed"] == 1 and s)

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from taskapp.events import REPLAY_EVENTS
-from tests.support import EventLog, create_task, get_task, wait_for
+from tests.support import EventLog, create_task, get_task, healthy, wait_for
 
 EOF = None
 
@@ -137,7 +137,7 @@ def test_named_events_are_there_for_those_who_ask(instances):
 def test_an_sse_client_resumes_after_forced_disconnects_on_either_instance(instances, database_url):
     """Cut twice while work goes on: back on the same instance, then on the other one (as
     a load balancer may send it); every event comes exactly once, in the database's order."""
-    a, b = instances(WORKER_ENABLED=0), instances()
+    a, b = healthy(instances(wait=False, WORKER_ENABLED=0), instances(wait=False))
     with EventLog(database_url) as log:
         first = Stream(f"{a.url}/events")
         _streams_open(a, 1)
@@ -250,7 +250,7 @@ def test_a_client_cut_off_as_too_slow_resumes_without_a_loss(instances, db_conn,
 
 
 def test_a_websocket_resumes_with_last_event_id_in_the_query(instances, database_url):
-    a, b = instances(), instances(WORKER_ENABLED=0)
+    a, b = healthy(instances(wait=False), instances(wait=False, WORKER_ENABLED=0))
     watching = Stream(f"{a.url}/events")  # on one instance: both keep events
     _streams_open(a, 1)
     with EventLog(database_url) as log:

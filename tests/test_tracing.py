@@ -102,6 +102,8 @@ class Receiver:
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
+    # Asked for before `instances`, so it outlives them: an instance stopped after it would
+    # spend its stop retrying its last export against a closed port (7 s of teardown).
     server = Receiver()
     yield server
     server.close()
@@ -115,7 +117,7 @@ def _traced(receiver: Receiver, **env: object) -> dict[str, object]:
     }
 
 
-def test_requests_claims_and_task_runs_are_traced(instances, receiver: Receiver) -> None:
+def test_requests_claims_and_task_runs_are_traced(receiver: Receiver, instances) -> None:
     instance = instances(
         **_traced(
             receiver, TASK_PROCESSOR="tests.processors:fail_when_titled_fail", LOG_FORMAT="json"
@@ -185,7 +187,7 @@ def test_requests_claims_and_task_runs_are_traced(instances, receiver: Receiver)
     assert set(receiver.paths) == {"/v1/traces"}
 
 
-def test_spans_still_buffered_are_sent_at_a_clean_stop(instances, receiver: Receiver) -> None:
+def test_spans_still_buffered_are_sent_at_a_clean_stop(receiver: Receiver, instances) -> None:
     # A batch delay far longer than the test: only the flush at worker_exit can send them.
     instance = instances(**_traced(receiver, OTEL_BSP_SCHEDULE_DELAY="600000"))
     requests.get(f"{instance.url}/tasks/", timeout=5)
