@@ -20,6 +20,7 @@ from tests.support import (
     Instance,
     conversation_statuses,
     create_task,
+    healthy,
     task_errors,
     task_row,
     wait_for,
@@ -30,10 +31,7 @@ StartInstance = Callable[..., Instance]
 
 def start_together(instances: StartInstance, count: int, **env: object) -> list[Instance]:
     """Boot several instances in parallel (each boot takes about a second)."""
-    group = [instances(wait=False, **env) for _ in range(count)]
-    for instance in group:
-        instance.wait_healthy()
-    return group
+    return list(healthy(*(instances(wait=False, **env) for _ in range(count))))
 
 
 def holder_of(db_conn: psycopg.Connection, task_id: int, group: list[Instance]) -> Instance:

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from taskapp.statements import statement
-from tests.support import EventLog, Instance, create_task, wait_for
+from tests.support import EventLog, Instance, create_task, healthy, wait_for
 
 SLEEP = "tests.processors.flow:sleep_briefly"
 THROTTLE = "tests.processors.flow:throttle_first"
@@ -34,10 +34,8 @@ COMMON = {"DB_POOL_SIZE": 4, "ACCESS_LOG": ""}
 
 
 def start_group(instances: Callable[..., Instance], count: int, **env: object) -> list[Instance]:
-    group = [instances(wait=False, **{**COMMON, **env}) for _ in range(count)]
-    for instance in group:
-        instance.wait_healthy(timeout=60)
-    return group
+    group = (instances(wait=False, **{**COMMON, **env}) for _ in range(count))
+    return list(healthy(*group, timeout=60))
 
 
 def put(url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tests.support import (
     Load,
     conversation_statuses,
     create_task,
+    healthy,
     status_counts,
     task_row,
     wait_for,
@@ -50,9 +51,7 @@ def all_completed(db_conn: psycopg.Connection, task_ids: list[int]) -> Callable[
 
 def test_terminating_every_connection_costs_a_few_503s_and_nothing_else(instances, db_conn):
     # A 30 s poll: only a live LISTEN connection can make a new task start within 2 s.
-    group = [instances(wait=False, POLL_INTERVAL_SECONDS=30) for _ in range(2)]
-    for instance in group:
-        instance.wait_healthy()
+    group = healthy(*(instances(wait=False, POLL_INTERVAL_SECONDS=30) for _ in range(2)))
     listeners = wait_for(
         lambda: len(pids := backends(db_conn, "taskapp-listener")) == 2 and pids,
         what="both instances listening",

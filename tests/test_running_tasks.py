@@ -28,6 +28,7 @@ from tests.support import (
     conversation_statuses,
     create_task,
     get_task,
+    healthy,
     task_errors,
     task_row,
     wait_for,
@@ -50,10 +51,7 @@ def start(instances: StartInstance, record_dir: Path, **env: object) -> Instance
 
 def start_together(instances: StartInstance, *envs: dict[str, object]) -> list[Instance]:
     """Boot instances in parallel (each boot takes about a second)."""
-    group = [instances(wait=False, **env) for env in envs]
-    for instance in group:
-        instance.wait_healthy()
-    return group
+    return list(healthy(*(instances(wait=False, **env) for env in envs)))
 
 
 def wait_record(record_dir: Path, task_id: int, kind: str, timeout: float = 10.0) -> dict[str, Any]:

@@ -99,9 +99,9 @@ def _body() -> bytes:
     return request.get_data(cache=True)  # a Content-Length over the limit raises the 413 here
 
 
-# Each header with its WSGI environ key: werkzeug's `request.headers.get` raises and catches a
-# KeyError for a header not sent, which is nearly every request.
-_SINGLE_HEADERS = {"Idempotency-Key": "HTTP_IDEMPOTENCY_KEY"}
+# Each header with its WSGI environ key (PEP 3333): werkzeug's `request.headers.get` raises and
+# catches a KeyError for a header not sent, which is nearly every request.
+_SINGLE_HEADERS = {name: "HTTP_" + name.upper().replace("-", "_") for name in ("Idempotency-Key",)}
 
 
 def refuse_repeated_headers() -> None:
